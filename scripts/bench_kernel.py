@@ -1,0 +1,317 @@
+"""Accuracy and speed of the WKV-7 kernels on a CUDA GPU (issue 3, points 5 to 7).
+
+    python scripts/bench_kernel.py                      # accuracy, kernel speed and layer timing
+    python scripts/bench_kernel.py --only speed --variants '[{"fwd_bv": 64}, {"prec": "tf32x3"}]'
+
+accuracy: bf16 inputs (w in float32, as the model passes it), B=2 T=4096 H=8 N=64, against the float64 loop on
+    the same (upcast) inputs: the output's relative L2 error next to the bf16 floor (the error of the float64
+    result itself rounded to bf16) and the relative L2 error of every gradient.
+speed: forward (no autograd) and forward+backward at B=8 T=4096 H=64 N=64, bf16, median of CUDA-event timings,
+    side by side with flash-linear-attention's chunk_rwkv7 (if installed) at its fastest setting and with the
+    chunked PyTorch path; the ratios, and the achieved bandwidth and FLOP rate of our kernels.
+layer: one whole RWKV-7 block (time-mix + channel-mix) forward+backward in bf16 at C=768 and C=2048, and where
+    its GPU time goes (torch.profiler, kernels grouped by kind).
+--variants: a JSON list of overrides of rwkv7_kernels.triton_wkv7.CONFIG; each is checked and timed.
+Everything printed is also written to --log.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from rwkv7_kernels import triton_wkv7, wkv7_chunked_torch, wkv7_naive
+from rwkv7_kernels.triton_wkv7 import wkv7_triton
+
+H100_BW = 3.0e12       # bytes/s, device-to-device copy (read + write)
+H100_BF16 = 800e12     # FLOP/s, dense bf16 matrix products
+W_MIN = -math.exp(-0.5)
+FLA_KW = dict(scale=1.0, safe_gate=True, lower_bound=-0.6065306597126334, chunk_size=64)
+
+LOG = []
+
+
+def say(*args):
+    line = " ".join(str(a) for a in args)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def make_inputs(B, T, H, N, seed=0, device="cuda"):
+    """Model-like inputs: unit-normal r, v, 0.3-scaled k, a = -kk, b = kk * iclr, w = -e^-0.5 sigmoid(.)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (B, T, H, N)
+
+    def randn():
+        return torch.randn(shape, generator=g, device=device)
+
+    r, k, v = randn(), 0.3 * randn(), randn()
+    w = W_MIN * torch.sigmoid(2 * randn())
+    kk = torch.nn.functional.normalize(randn(), dim=-1)
+    iclr = torch.sigmoid(randn())
+    bf = torch.bfloat16
+    return [r.to(bf), w, k.to(bf), v.to(bf), (-kk).to(bf), (kk * iclr).to(bf)]
+
+
+def rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def ours(r, w, k, v, a, b):
+    return wkv7_triton(r, w, k, v, a, b)[0]
+
+
+def torch_path(r, w, k, v, a, b):
+    return wkv7_chunked_torch(r, w, k, v, a, b)[0]
+
+
+def fla_fn():
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except ImportError as e:
+        say(f"fla not importable ({e}); its rows are skipped")
+        return None
+
+    def fla(r, w, k, v, a, b):
+        return chunk_rwkv7(r, w, k, v, a, b, **FLA_KW)[0]
+    return fla
+
+
+def grads_of(fn, xs, gy):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    y = fn(*xs)
+    y.backward(gy)
+    return y.detach(), [x.grad for x in xs]
+
+
+# ------------------------------------------------------------------------------------------------- accuracy
+def accuracy(variants, fla):
+    B, T, H, N = 2, 4096, 8, 64
+    xs = make_inputs(B, T, H, N, seed=1)
+    gy = torch.randn(B, T, H, N, device="cuda", dtype=torch.float64, generator=torch.Generator("cuda").manual_seed(2))
+    t0 = time.time()
+    y64, g64 = grads_of(lambda *a: wkv7_naive(*a)[0], [x.double() for x in xs], gy)
+    floor = rel(y64.bfloat16(), y64)
+    say(f"\n## accuracy: bf16 inputs, B={B} T={T} H={H} N={N}, vs float64 loop ({time.time() - t0:.1f} s)")
+    say(f"bf16 floor of y (fp64 result rounded to bf16): {floor:.3e}")
+    say(f"{'kernel':44s} {'y err':>9s} {'x floor':>7s}  " + " ".join(f"{'d' + n:>8s}" for n in "rwkvab"))
+    rows = [(f"ours {json.dumps(v)}", ours, v) for v in variants] + [("chunked torch (fp32 inside)", torch_path, None)]
+    if fla is not None:
+        rows.append(("fla 0.6.0 chunk_rwkv7 (chunk 64, safe_gate)", fla, None))
+    results = []
+    for name, fn, variant in rows:
+        try:
+            with config(variant):
+                y, g = grads_of(fn, xs, gy.to(torch.bfloat16))
+            e = rel(y, y64)
+            ge = [rel(a, b) for a, b in zip(g, g64)]
+            say(f"{name:44s} {e:9.3e} {e / floor:7.3f}  " + " ".join(f"{x:8.1e}" for x in ge))
+            results.append(dict(name=name, y_err=e, floor=floor, grads=ge))
+        except Exception as exc:  # keep going: one broken variant must not cost the rest of the run
+            say(f"{name:44s} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- speed
+class config:
+    """Temporarily override triton_wkv7.CONFIG."""
+
+    def __init__(self, overrides):
+        self.overrides = overrides or {}
+
+    def __enter__(self):
+        self.saved = dict(triton_wkv7.CONFIG)
+        triton_wkv7.CONFIG.update(self.overrides)
+
+    def __exit__(self, *exc):
+        triton_wkv7.CONFIG.clear()
+        triton_wkv7.CONFIG.update(self.saved)
+
+
+def cuda_time(fn, reps, warmup=2):
+    """Median milliseconds of fn() over reps runs, CUDA events around each."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_kernel(fn, xs, gy, reps):
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+
+    def fwd():
+        with torch.no_grad():
+            fn(*xs)
+
+    def fwd_bwd():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(gy)
+
+    return cuda_time(fwd, reps), cuda_time(fwd_bwd, reps)
+
+
+def traffic_and_flops(B, T, H, N, L=16):
+    """Fewest bytes our kernels move (inputs read once, outputs written once, the float32 chunk states written
+    by the forward and read by the backward) and the FLOPs of the chunked algorithm as written (one product
+    each, tf32x3 counted once)."""
+    tok = B * T * H * N
+    inputs = tok * (5 * 2 + 4)                      # r, k, v, a, b bf16; w float32
+    states = B * H * (T // L + 1) * N * N * 4
+    fwd_bytes = inputs + tok * 2 + states           # + y; + states
+    bwd_bytes = inputs + tok * 2 + states + tok * (5 * 2 + 4)  # + dy, states; + 6 gradients
+    chunks = B * H * T // L
+    fwd_flops = chunks * 2 * (8 * L * L * N + 4 * L * N * N + L ** 3 / 3)
+    bwd_flops = chunks * 2 * (22 * L * L * N + 9 * L * N * N + L ** 3 / 3)   # incl. the recomputed forward
+    return fwd_bytes, bwd_bytes, fwd_flops, bwd_flops
+
+
+def speed(variants, fla, with_torch=True):
+    B, T, H, N = 8, 4096, 64, 64
+    xs = make_inputs(B, T, H, N, seed=3)
+    gy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
+    fb, bb, ff, bf = traffic_and_flops(B, T, H, N)
+    say(f"\n## speed: B={B} T={T} H={H} N={N}, bf16 (w float32), {torch.cuda.get_device_name()}")
+    say(f"{'kernel':44s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}")
+    results = {}
+    for v in variants:
+        name = f"ours {json.dumps(v)}"
+        try:
+            with config(v):
+                t0 = time.time()
+                f, fbk = time_kernel(ours, xs, gy, reps=20)
+            results[name] = (f, fbk)
+            say(f"{name:44s} {f:8.2f} {fbk:10.2f}   (incl. compile {time.time() - t0:.0f} s)")
+        except Exception as exc:
+            say(f"{name:44s} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    if fla is not None:
+        try:
+            results["fla"] = time_kernel(fla, xs, gy, reps=20)
+            say(f"{'fla 0.6.0 chunk_rwkv7 (chunk 64, safe_gate)':44s} {results['fla'][0]:8.2f} {results['fla'][1]:10.2f}")
+        except Exception as exc:
+            say(f"fla FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    if with_torch:
+        try:
+            results["torch"] = time_kernel(torch_path, xs, gy, reps=3)
+            say(f"{'chunked PyTorch path':44s} {results['torch'][0]:8.2f} {results['torch'][1]:10.2f}")
+        except Exception as exc:
+            say(f"torch path FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+        torch.cuda.empty_cache()
+    ours_rows = {k: v for k, v in results.items() if k.startswith("ours")}
+    if ours_rows:
+        best = min(ours_rows, key=lambda k: ours_rows[k][1])
+        f, fbk = ours_rows[best]
+        say(f"\nbest: {best}")
+        say(f"  forward {f:.2f} ms; forward+backward {fbk:.2f} ms (backward alone {fbk - f:.2f} ms, its forward "
+            f"writes the states: see 'fwd (training)' below)")
+        for other in ("fla", "torch"):
+            if other in results:
+                of, ofb = results[other]
+                say(f"  vs {other}: forward {of / f:.2f}x faster, forward+backward {ofb / fbk:.2f}x faster")
+        with config(json.loads(best[5:])):
+            leaves = [x.detach().clone().requires_grad_() for x in xs]
+            f_train = cuda_time(lambda: ours(*leaves), reps=20)
+        bwd = fbk - f_train
+        say(f"  fwd (training, writes states) {f_train:.2f} ms: {fb / f_train * 1e-9:.0f} GB/s "
+            f"({fb / f_train * 1e-9 / (H100_BW * 1e-12):.0%} of 3.0 TB/s), {ff / f_train * 1e-9:.1f} TFLOP/s "
+            f"({ff / f_train * 1e-9 / (H100_BF16 * 1e-12):.1%} of 800)")
+        say(f"  bwd {bwd:.2f} ms: {bb / bwd * 1e-9:.0f} GB/s ({bb / bwd * 1e-9 / (H100_BW * 1e-12):.0%}), "
+            f"{bf / bwd * 1e-9:.1f} TFLOP/s ({bf / bwd * 1e-9 / (H100_BF16 * 1e-12):.1%})")
+        say(f"  minimum traffic fwd {fb / 1e9:.2f} GB, bwd {bb / 1e9:.2f} GB; FLOPs fwd {ff / 1e9:.0f} G, "
+            f"bwd {bf / 1e9:.0f} G")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- layer
+def layer(B=8, T=4096):
+    sys.path.insert(0, ".")
+    from rwkv7_train.model import RWKV7, RWKV7Config
+    say(f"\n## one RWKV-7 block forward+backward, bf16, B={B} T={T}")
+    for C in (768, 2048):
+        model = RWKV7(RWKV7Config(vocab_size=256, n_layer=2, n_embd=C)).cuda()
+        block = model.blocks[1].to(torch.bfloat16)
+        with torch.no_grad():   # the official init zeroes some matrices; time on non-zero weights
+            for p in block.parameters():
+                if p.abs().max() == 0:
+                    p.normal_(0, 0.02)
+        x = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v_first = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            out = block(x, v_first)[0]
+            out.backward(g)
+
+        ms = cuda_time(step, reps=10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        groups = {}
+        for ev in prof.key_averages():
+            t = ev.self_device_time_total / 3 / 1000.0
+            if t <= 0:
+                continue
+            name = ev.key.lower()
+            if "wkv7" in name:
+                kind = "WKV-7 kernels"
+            elif any(s in name for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "sm90_")):
+                kind = "matrix products"
+            elif "norm" in name:
+                kind = "layer/group norms"
+            else:
+                kind = "elementwise and other"
+            groups[kind] = groups.get(kind, 0.0) + t
+        total = sum(groups.values())
+        parts = ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in sorted(groups.items(), key=lambda kv: -kv[1]))
+        say(f"C={C} (H={C // 64}): {ms:.2f} ms per block forward+backward; GPU time: {parts}")
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
+        for ev in top:
+            say(f"    {ev.self_device_time_total / 3 / 1000:7.2f} ms  {ev.key[:90]}")
+        del model, block, x, v_first, g
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["accuracy", "speed", "layer"], action="append")
+    ap.add_argument("--variants", default="[{}]", help="JSON list of CONFIG overrides ({} = the defaults)")
+    ap.add_argument("--no-torch", action="store_true", help="skip timing the PyTorch path (slow)")
+    ap.add_argument("--log", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernel.py needs a CUDA GPU")
+    import triton
+    say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    say(f"defaults: {json.dumps(triton_wkv7.CONFIG)}")
+    variants = json.loads(args.variants)
+    parts = args.only or ["accuracy", "speed", "layer"]
+    fla = fla_fn()
+    out = {}
+    try:
+        if "accuracy" in parts:
+            out["accuracy"] = accuracy(variants, fla)
+        if "speed" in parts:
+            out["speed"] = speed(variants, fla, with_torch=not args.no_torch)
+        if "layer" in parts:
+            layer()
+    finally:
+        if args.log:
+            with open(args.log, "w") as f:
+                f.write("\n".join(LOG) + "\n")
+                f.write(json.dumps(out, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The Triton WKV-7 kernels against the float64 step-by-step loop: output, final state and every gradient.
+
+The float32 checks (small shapes) run in Triton's interpreter without CUDA (TRITON_INTERPRET=1, set here before
+the kernels are imported) and on the GPU with CUDA, there with IEEE float32 products instead of tf32; either way
+the error stays near 1e-7. With CUDA, bf16 checks at larger shapes hold the kernels to the bf16 floor with their
+production settings.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first import of the kernels
+
+from rwkv7_kernels import wkv7, wkv7_naive  # noqa: E402
+import rwkv7_kernels  # noqa: E402
+from rwkv7_kernels import triton_wkv7  # noqa: E402
+from rwkv7_kernels.triton_wkv7 import wkv7_triton  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+W_MIN = -math.exp(-0.5)   # log decay bound: decay exp(w) in (0.545, 1)
+CPU_TOL = 2e-5            # relative L2 error, float32 kernels vs the float64 loop
+
+
+@pytest.fixture
+def exact_fp32(monkeypatch):
+    """IEEE float32 products on the GPU, so float32 inputs can be held to float32 accuracy."""
+    for key in ("prec", "prec_s", "prec_inv"):
+        monkeypatch.setitem(triton_wkv7.CONFIG, key, "ieee")
+
+
+def make_inputs(B, T, H, N, decay="random", seed=0, device=DEVICE):
+    """RWKV-7-like inputs (a = -kk, b = kk * iclr, unit-normal r, v, 0.3-scaled k), float64."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    shape = (B, T, H, N)
+    r, k, v = randn(*shape), 0.3 * randn(*shape), randn(*shape)
+    if decay == "random":
+        w = W_MIN * torch.sigmoid(2 * randn(*shape))
+    elif decay == "near_0.545":
+        w = torch.full(shape, W_MIN * (1 - 1e-6), dtype=torch.float64)
+    elif decay == "near_1":
+        w = torch.full(shape, -1e-6, dtype=torch.float64)
+    kk = torch.nn.functional.normalize(randn(*shape), dim=-1)
+    iclr = torch.sigmoid(randn(*shape))
+    return [x.to(device) for x in (r, w, k, v, -kk, kk * iclr)]
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run_and_grad(fn, xs, s0, gy, gs, **kw):
+    """y, final state and the gradients of <y, gy> + <s, gs> w.r.t. r, w, k, v, a, b and s0."""
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    s0 = None if s0 is None else s0.detach().clone().requires_grad_()
+    y, s = fn(*xs, s0, **kw)
+    loss = (y.double() * gy).sum() + ((s.double() * gs).sum() if gs is not None else 0)
+    loss.backward()
+    grads = [x.grad for x in xs] + ([s0.grad] if s0 is not None else [])
+    return y.detach(), s.detach(), grads
+
+
+def check_against_loop(B, T, H, N, decay="random", with_state=True, seed=0):
+    xs = make_inputs(B, T, H, N, decay, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=g, dtype=torch.float64).to(DEVICE) if with_state else None
+    gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64).to(DEVICE)
+    gs = torch.randn(B, H, N, N, generator=g, dtype=torch.float64).to(DEVICE) if with_state else None
+    y_ref, s_ref, g_ref = run_and_grad(wkv7_naive, xs, s0, gy, gs)
+    y, s, grads = run_and_grad(wkv7_triton, [x.float() for x in xs], None if s0 is None else s0.float(), gy, gs)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32 and s.shape == (B, H, N, N)
+    assert rel_err(y, y_ref) < CPU_TOL
+    assert rel_err(s, s_ref) < CPU_TOL
+    for name, gr, gr_ref in zip(["r", "w", "k", "v", "a", "b", "initial_state"], grads, g_ref):
+        assert torch.isfinite(gr).all(), name
+        assert rel_err(gr, gr_ref) < CPU_TOL, f"d{name}: {rel_err(gr, gr_ref):.2e}"
+
+
+# N = 16 keeps the interpreter fast; on the GPU the value blocks of CONFIG split N = 64 states.
+@pytest.mark.parametrize("T,H", [(1, 1), (15, 2), (16, 1), (17, 3), (64, 2), (200, 1)])
+def test_output_state_and_gradients_match_fp64_loop_for_any_length(exact_fp32, T, H):
+    check_against_loop(B=2, T=T, H=H, N=64 if CUDA else 16)
+
+
+def test_head_size_64_with_several_heads(exact_fp32):
+    check_against_loop(B=1, T=40, H=2, N=64)
+
+
+@pytest.mark.parametrize("decay", ["near_0.545", "near_1"])
+def test_decays_pinned_at_the_bounds_stay_exact(exact_fp32, decay):
+    check_against_loop(B=1, T=64, H=2, N=32, decay=decay)
+
+
+def test_blocked_triangular_inverse_matches_substitution(exact_fp32, monkeypatch):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "inv", "block")
+    check_against_loop(B=1, T=40, H=2, N=16, decay="near_1")
+
+
+def test_value_blocks_with_partial_gradient_sums(exact_fp32, monkeypatch):
+    for key in ("fwd_bv", "bwd_bv"):
+        monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
+    check_against_loop(B=1, T=20, H=2, N=32)
+
+
+def test_without_initial_state_or_final_state_gradient(exact_fp32):
+    check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
+
+
+def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32):
+    lens = [5, 1, 0, 23, 16]   # a one-token and an empty document among them
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEVICE)
+    D, T, H, N = len(lens), sum(lens), 2, 16
+    xs = make_inputs(1, T, H, N, seed=3)
+    g = torch.Generator().manual_seed(4)
+    s0 = 0.5 * torch.randn(D, H, N, N, generator=g, dtype=torch.float64).to(DEVICE)
+    gy = torch.randn(1, T, H, N, generator=g, dtype=torch.float64).to(DEVICE)
+    gs = torch.randn(D, H, N, N, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def loop_per_document(r, w, k, v, a, b, s0):
+        ys, ss = [], []
+        for d in range(D):
+            lo, hi = cu[d].item(), cu[d + 1].item()
+            y, s = wkv7_naive(*(x[:, lo:hi] for x in (r, w, k, v, a, b)), s0[d:d + 1])
+            ys.append(y)
+            ss.append(s)
+        return torch.cat(ys, 1), torch.cat(ss)
+
+    y_ref, s_ref, g_ref = run_and_grad(loop_per_document, xs, s0, gy, gs)
+    y, s, grads = run_and_grad(wkv7_triton, [x.float() for x in xs], s0.float(), gy, gs, cu_seqlens=cu)
+    assert s.shape == (D, H, N, N)
+    assert rel_err(y, y_ref) < CPU_TOL and rel_err(s, s_ref) < CPU_TOL
+    assert torch.equal(s[2], s0[2].float())   # the empty document hands its initial state straight through
+    for name, gr, gr_ref in zip(["r", "w", "k", "v", "a", "b", "initial_state"], grads, g_ref):
+        assert rel_err(gr, gr_ref) < CPU_TOL, f"d{name}: {rel_err(gr, gr_ref):.2e}"
+
+
+def test_public_wkv7_sends_cu_seqlens_to_the_triton_kernel_when_it_is_the_backend(exact_fp32, monkeypatch):
+    monkeypatch.setattr(rwkv7_kernels, "_backend", lambda x: "triton")
+    cu = torch.tensor([0, 1, 20], device=DEVICE)
+    xs = [x.float() for x in make_inputs(1, 20, 2, 16, seed=5)]
+    y, s = wkv7(*xs, output_final_state=True, cu_seqlens=cu)
+    y_ref = torch.cat([wkv7_naive(*(x[:, 0:1] for x in xs))[0], wkv7_naive(*(x[:, 1:20] for x in xs))[0]], 1)
+    assert s.shape == (2, 2, 16, 16)
+    assert rel_err(y, y_ref) < CPU_TOL
+
+
+def test_backend_is_triton_on_cuda_and_torch_on_cpu():
+    assert rwkv7_kernels._backend(torch.zeros(1, 1, 1, 64)) == "torch"
+    if CUDA:
+        assert rwkv7_kernels._backend(torch.zeros(1, 1, 1, 64, device="cuda")) == "triton"
+
+
+# ---- GPU: bf16 inputs (w in float32, as the model passes it), against the float64 loop on the upcast inputs ----
+
+def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None):
+    xs = make_inputs(B, T, H, N, decay, seed=7, device="cuda")
+    xs = [x.float() if i == 1 else x.bfloat16() for i, x in enumerate(xs)]   # i == 1: w stays float32
+    D = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    s0 = 0.5 * torch.randn(D, H, N, N, device="cuda", dtype=torch.float64)
+    gy = torch.randn(B, T, H, N, device="cuda", dtype=torch.float64)
+    gs = torch.randn(D, H, N, N, device="cuda", dtype=torch.float64)
+    if cu_seqlens is None:
+        ref_fn = wkv7_naive
+    else:
+        bounds = cu_seqlens.tolist()
+
+        def ref_fn(*args):
+            ys, ss = [], []
+            for d, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                y, s = wkv7_naive(*(x[:, lo:hi] for x in args[:6]), args[6][d:d + 1])
+                ys.append(y)
+                ss.append(s)
+            return torch.cat(ys, 1), torch.cat(ss)
+    y_ref, s_ref, g_ref = run_and_grad(ref_fn, [x.double() for x in xs], s0, gy, gs)
+    kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    y, s, grads = run_and_grad(wkv7_triton, xs, s0.float(), gy, gs, **kw)
+    floor = rel_err(y_ref.bfloat16(), y_ref)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, y_ref) <= 1.2 * floor, (rel_err(y, y_ref), floor)
+    assert rel_err(s, s_ref) < 1e-3
+    for name, gr, gr_ref in zip(["r", "w", "k", "v", "a", "b", "initial_state"], grads, g_ref):
+        assert rel_err(gr, gr_ref) < 5e-3, f"d{name}: {rel_err(gr, gr_ref):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T,H,decay", [(1, 1, "random"), (16, 1, "random"), (17, 3, "random"),
+                                       (200, 4, "near_0.545"), (200, 4, "near_1"), (1000, 4, "random")])
+def test_bf16_on_gpu_within_the_bf16_floor(T, H, decay):
+    check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_bf16_cu_seqlens_on_gpu():
+    cu = torch.tensor([0, 1, 300, 301, 517], device="cuda", dtype=torch.int32)
+    check_bf16_against_loop(B=1, T=517, H=2, N=64, cu_seqlens=cu)
