@@ -12,11 +12,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rwkv7_train.atomic import atomic_write
 from rwkv7_train.data.binidx import BinidxWriter, bin_path, idx_path
 from rwkv7_train.errors import UserError
 
@@ -133,17 +133,9 @@ def write_corpus(documents: Iterable[str], output_prefix: str | os.PathLike, tok
 
 
 def write_json_atomically(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def write_manifest(output_prefix: str | os.PathLike, writer: BinidxWriter, counts: Counts, tokenizer) -> dict:

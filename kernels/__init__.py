@@ -42,14 +42,10 @@ def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seql
     ys, states = [], []
     for d, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         s0 = None if initial_state is None else initial_state[d:d + 1]
-        if hi == lo:   # empty document: no output, the state passes through
-            H, N = r.shape[2:]
-            states.append(r.new_zeros(1, H, N, N, dtype=torch.float32) if s0 is None else s0.float())
-            continue
         y, s = wkv7_chunked_torch(*(x[:, lo:hi] for x in (r, w, k, v, a, b)), s0)
         ys.append(y)
         states.append(s)
-    y = torch.cat(ys, dim=1) if ys else r.new_empty(r.shape)
+    y = torch.cat(ys, dim=1)
     return y, (torch.cat(states).float() if output_final_state else None)
 
 

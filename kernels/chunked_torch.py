@@ -24,6 +24,9 @@ def wkv7_chunked_torch(r, w, k, v, a, b, initial_state=None, chunk_size=CHUNK):
     B, T, H, N = r.shape
     out_dtype = r.dtype
     cdtype = torch.float64 if r.dtype == torch.float64 else torch.float32
+    if T == 0:  # nothing to do: the state passes through
+        s0 = r.new_zeros(B, H, N, N, dtype=cdtype) if initial_state is None else initial_state.to(cdtype)
+        return r.new_empty(B, 0, H, N), s0
     L = chunk_size
     pad = (-T) % L
     # Padding steps have decay 1 (w = 0) and zero inputs, so they leave the state untouched.

@@ -92,6 +92,7 @@ def _inverse_blocked(m, L: tl.constexpr, P: tl.constexpr):
     (all four at once, one matrix product a step), then two merges X <- X + X M_off X, where M_off holds the
     blocks below the diagonal blocks of X (exact, since (X M_off)^2 = 0). Standard blocked triangular inversion:
     every intermediate is a block of the inverse itself."""
+    tl.static_assert(L == 16, "the blocked inverse is written for chunks of 16")
     o = tl.arange(0, L)
     blk4 = (o[:, None] // 4) == (o[None, :] // 4)
     blk8 = (o[:, None] // 8) == (o[None, :] // 8)
@@ -120,8 +121,8 @@ def _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L: tl.constexpr, IS_VARLEN: t
 
 
 @triton.jit
-def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offsets, T,
-                     H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offsets, T, H,
+                     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                      HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr,
                      PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr):
     i_nh = tl.program_id(0)
@@ -173,8 +174,8 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offs
 
 @triton.jit
 def _wkv7_bwd_kernel(r, w, k, v, a, b, dy, states, dht, dr, dw, dk, dv, da, db, ds0,
-                     cu_seqlens, chunk_offsets, T, part_stride,
-                     H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+                     cu_seqlens, chunk_offsets, T, part_stride, H,
+                     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                      HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr,
                      PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr):
     i_nh = tl.program_id(0)
@@ -258,8 +259,9 @@ def _wkv7_bwd_kernel(r, w, k, v, a, b, dy, states, dht, dr, dw, dk, dv, da, db, 
 # prec/prec_s: fp32 dot mode of the chunk-internal products and of those that read or write the state
 # ("tf32" truncates its operands to 10 mantissa bits; "tf32x3" is float32-accurate at three times the work);
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and two merges ("block").
-CONFIG = dict(fwd_bv=32, fwd_warps=4, fwd_stages=2, bwd_bv=64, bwd_warps=4, bwd_stages=2,
-              prec="tf32", prec_s="tf32x3", inv="subst", prec_inv="tf32x3")
+# Defaults: the fastest measured on an H100 (docs/benchmarks.md); plain tf32 anywhere cost 1.19x the bf16 floor.
+CONFIG = dict(fwd_bv=64, fwd_warps=4, fwd_stages=2, bwd_bv=64, bwd_warps=8, bwd_stages=2,
+              prec="tf32x3", prec_s="tf32x3", inv="block", prec_inv="tf32x3")
 
 
 def _settings(N, backward, device):
@@ -306,8 +308,8 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     BV, opts = _settings(N, False, r.device)
     grid = (layout.n_seq * H, N // BV)
     _wkv7_fwd_kernel[grid](
-        r, w, k, v, a, b, y, initial_state, states, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T,
-        H=H, N=N, L=CHUNK, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states,
+        r, w, k, v, a, b, y, initial_state, states, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
+        N=N, L=CHUNK, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states,
         IS_VARLEN=layout.is_varlen, **opts)
     return y, ht, states
 
@@ -325,8 +327,8 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, dht, need_ds0, layout):
     grid = (layout.n_seq * H, NV)
     _wkv7_bwd_kernel[grid](
         r, w, k, v, a, b, dy, states, dht, *parts[:3], dv, *parts[3:], ds0,
-        layout.cu_seqlens, layout.chunk_offsets, layout.T, r.numel(),
-        H=H, N=N, L=CHUNK, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0,
+        layout.cu_seqlens, layout.chunk_offsets, layout.T, r.numel(), H,
+        N=N, L=CHUNK, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0,
         IS_VARLEN=layout.is_varlen, **opts)
     if NV > 1:
         parts = [p.sum(0).to(x.dtype) for p, x in zip(parts, (r, w, k, a, b))]

@@ -1,22 +1,29 @@
 """Atomic file writes: a crash mid-write never leaves a half file under the final name."""
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
+@contextmanager
+def atomic_write(path, mode: str = "wb", **open_kwargs):
+    """Yield a file opened on a temporary name beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj, path) -> None:
+    import torch
+
+    with atomic_write(path) as f:
+        torch.save(obj, f)

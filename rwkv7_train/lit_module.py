@@ -82,8 +82,7 @@ class RWKV7LitModule(L.LightningModule):
         groups = param_groups(self.model, o["weight_decay"])
         for g in groups:
             g["lr"] = o["lr_init"] * g["lr_scale"]
-        return torch.optim.AdamW(groups, lr=o["lr_init"], betas=tuple(o["betas"]), eps=o["eps"],
-                                 fused=self.device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=o["lr_init"], betas=tuple(o["betas"]), eps=o["eps"])
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["tokens_seen"] = self.tokens_seen

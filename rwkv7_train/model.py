@@ -172,6 +172,10 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Layer 0's value-residual LoRA is in the official layout but never used (layer 0 makes v_first):
+        # frozen, so DDP sees no parameter without a gradient.
+        for p in (self.blocks[0].att.v0, self.blocks[0].att.v1, self.blocks[0].att.v2):
+            p.requires_grad_(False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 

@@ -147,7 +147,8 @@ def cuda_time(fn, reps, warmup=2):
     return statistics.median(times)
 
 
-def time_kernel(fn, xs, gy, reps):
+def time_kernel(fn, xs, gy, reps, name=None):
+    """(forward ms, forward+backward ms); with a name, each is printed as soon as it is measured."""
     leaves = [x.detach().clone().requires_grad_() for x in xs]
 
     def fwd():
@@ -159,7 +160,13 @@ def time_kernel(fn, xs, gy, reps):
             x.grad = None
         fn(*leaves).backward(gy)
 
-    return cuda_time(fwd, reps), cuda_time(fwd_bwd, reps)
+    f = cuda_time(fwd, reps)
+    if name:
+        say(f"{name:44s} {f:8.2f}")
+    fb = cuda_time(fwd_bwd, reps)
+    if name:
+        say(f"{name:44s} {f:8.2f} {fb:10.2f}")
+    return f, fb
 
 
 def traffic_and_flops(B, T, H, N, L=16):
@@ -197,14 +204,12 @@ def speed(variants, fla, with_torch=True):
             say(f"{name:44s} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
     if fla is not None:
         try:
-            results["fla"] = time_kernel(fla, xs, gy, reps=20)
-            say(f"{'fla 0.6.0 chunk_rwkv7 (chunk 64, safe_gate)':44s} {results['fla'][0]:8.2f} {results['fla'][1]:10.2f}")
+            results["fla"] = time_kernel(fla, xs, gy, reps=20, name="fla 0.6.0 chunk_rwkv7 (chunk 64, safe_gate)")
         except Exception as exc:
             say(f"fla FAILED: {type(exc).__name__}: {str(exc)[:300]}")
     if with_torch:
         try:
-            results["torch"] = time_kernel(torch_path, xs, gy, reps=3)
-            say(f"{'chunked PyTorch path':44s} {results['torch'][0]:8.2f} {results['torch'][1]:10.2f}")
+            results["torch"] = time_kernel(torch_path, xs, gy, reps=3, name="chunked PyTorch path")
         except Exception as exc:
             say(f"torch path FAILED: {type(exc).__name__}: {str(exc)[:200]}")
         torch.cuda.empty_cache()
@@ -223,10 +228,10 @@ def speed(variants, fla, with_torch=True):
             leaves = [x.detach().clone().requires_grad_() for x in xs]
             f_train = cuda_time(lambda: ours(*leaves), reps=20)
         bwd = fbk - f_train
-        say(f"  fwd (training, writes states) {f_train:.2f} ms: {fb / f_train * 1e-9:.0f} GB/s "
+        say(f"  fwd (training, writes states) {f_train:.2f} ms: {fb / f_train * 1e-6:.0f} GB/s "
             f"({fb / f_train * 1e-9 / (H100_BW * 1e-12):.0%} of 3.0 TB/s), {ff / f_train * 1e-9:.1f} TFLOP/s "
             f"({ff / f_train * 1e-9 / (H100_BF16 * 1e-12):.1%} of 800)")
-        say(f"  bwd {bwd:.2f} ms: {bb / bwd * 1e-9:.0f} GB/s ({bb / bwd * 1e-9 / (H100_BW * 1e-12):.0%}), "
+        say(f"  bwd {bwd:.2f} ms: {bb / bwd * 1e-6:.0f} GB/s ({bb / bwd * 1e-9 / (H100_BW * 1e-12):.0%}), "
             f"{bf / bwd * 1e-9:.1f} TFLOP/s ({bf / bwd * 1e-9 / (H100_BF16 * 1e-12):.1%})")
         say(f"  minimum traffic fwd {fb / 1e9:.2f} GB, bwd {bb / 1e9:.2f} GB; FLOPs fwd {ff / 1e9:.0f} G, "
             f"bwd {bf / 1e9:.0f} G")
@@ -288,6 +293,7 @@ def main():
     ap.add_argument("--only", choices=["accuracy", "speed", "layer"], action="append")
     ap.add_argument("--variants", default="[{}]", help="JSON list of CONFIG overrides ({} = the defaults)")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the PyTorch path (slow)")
+    ap.add_argument("--no-fla", action="store_true", help="skip fla (its first call autotunes for minutes)")
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -297,7 +303,7 @@ def main():
     say(f"defaults: {json.dumps(triton_wkv7.CONFIG)}")
     variants = json.loads(args.variants)
     parts = args.only or ["accuracy", "speed", "layer"]
-    fla = fla_fn()
+    fla = None if args.no_fla else fla_fn()
     out = {}
     try:
         if "accuracy" in parts:

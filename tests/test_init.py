@@ -83,3 +83,16 @@ def test_model_configs_shipped_with_the_package_build_those_sizes():
         with torch.device("meta"):
             model = RWKV7(RWKV7Config.from_dict(cfg))
         assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    # DDP requires it; layer 0's unused value-residual LoRA is frozen rather than left without a gradient.
+    torch.manual_seed(0)
+    model = RWKV7(RWKV7Config(vocab_size=100, n_layer=2, n_embd=64, head_size=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model(torch.randint(0, 100, (2, 20))).logsumexp(-1).mean().backward()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -42,7 +42,7 @@ def test_param_groups_decay_only_2d_weights_and_double_w0_lr():
             "blocks.0.ffn.key.weight", "blocks.0.ffn.value.weight"} <= decayed
     assert all(n.endswith(".weight") for n in decayed)
     assert {"blocks.0.att.w1", "blocks.0.att.r_k", "blocks.0.att.ln_x.weight", "ln_out.weight", "blocks.0.att.x_r"} <= plain
-    assert len(decayed) + len(plain) + len(w0) == len(list(model.parameters()))
+    assert len(decayed) + len(plain) + len(w0) == len([p for p in model.parameters() if p.requires_grad])
 
 
 def test_schedule_warmup_then_cosine_in_tokens():

@@ -98,8 +98,9 @@ def test_decays_pinned_at_the_bounds_stay_exact(exact_fp32, decay):
     check_against_loop(B=1, T=64, H=2, N=32, decay=decay)
 
 
-def test_blocked_triangular_inverse_matches_substitution(exact_fp32, monkeypatch):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "inv", "block")
+@pytest.mark.parametrize("inv", ["subst", "block"])
+def test_both_triangular_inverses_are_exact(exact_fp32, monkeypatch, inv):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "inv", inv)
     check_against_loop(B=1, T=40, H=2, N=16, decay="near_1")
 
 

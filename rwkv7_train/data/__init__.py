@@ -1,5 +1,8 @@
-"""Training-time data: binidx files, the magic-prime sampler, the LightningDataModule."""
-from .binidx import BinidxReader, BinidxWriter
-from .datamodule import RWKVDataModule
+"""Training-time data. What the rest of the project uses:
 
-__all__ = ["BinidxReader", "BinidxWriter", "RWKVDataModule"]
+- `binidx`: BinidxReader, BinidxWriter, open_binidx (the official .bin/.idx layout)
+- `sampler`: magic_prime, window_start (RWKV-LM's sample order)
+- `datamodule`: RWKVDataModule (Lightning batches, exact resume)
+
+Nothing is imported here, so data preparation can use `binidx` without loading Lightning.
+"""
