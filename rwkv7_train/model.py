@@ -70,10 +70,24 @@ class LayerState(NamedTuple):
     ffn_x: torch.Tensor   # [B, C]
 
 
-def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
-    """x_{t-1} for every t: the previous call's last token (or zeros) at t = 0."""
+class Docs(NamedTuple):
+    """Packed documents in a [1, T] sequence: start offsets (cu_seqlens, ending with T) and a [1, T] bool mask that
+    is True at each document's first token. The WKV state and the token shift restart at every document."""
+    cu_seqlens: torch.Tensor
+    starts: torch.Tensor
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int) -> "Docs":
+        starts = torch.zeros(1, total, dtype=torch.bool, device=cu_seqlens.device)
+        starts[0, cu_seqlens[:-1]] = True
+        return cls(cu_seqlens, starts)
+
+
+def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor], docs: Optional[Docs] = None) -> torch.Tensor:
+    """x_{t-1} for every t: the previous call's last token (or zeros) at t = 0, zeros at each document start."""
     first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    return shifted if docs is None else shifted.masked_fill(docs.starts[..., None], 0.0)
 
 
 class TimeMix(nn.Module):
@@ -99,10 +113,10 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(self.n_head, C, eps=64e-5)
 
-    def forward(self, x, v_first, prev_x=None, prev_wkv=None, return_state=False):
+    def forward(self, x, v_first, prev_x=None, prev_wkv=None, return_state=False, docs: Optional[Docs] = None):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, prev_x) - x
+        xx = token_shift(x, prev_x, docs) - x
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
@@ -124,7 +138,8 @@ class TimeMix(nn.Module):
             return t.view(B, T, H, N)
 
         y, wkv_state = wkv7(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a),
-                            initial_state=prev_wkv, output_final_state=return_state)
+                            initial_state=prev_wkv, output_final_state=return_state,
+                            cu_seqlens=None if docs is None else docs.cu_seqlens)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.reshape(B, T, C)
@@ -139,8 +154,8 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
-    def forward(self, x, prev_x=None):
-        xx = token_shift(x, prev_x) - x
+    def forward(self, x, prev_x=None, docs: Optional[Docs] = None):
+        xx = token_shift(x, prev_x, docs) - x
         k = torch.relu(self.key(x + xx * self.x_k)) ** 2
         return self.value(k), x[:, -1]
 
@@ -155,11 +170,11 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
 
-    def forward(self, x, v_first, state: Optional[LayerState] = None, return_state=False):
+    def forward(self, x, v_first, state: Optional[LayerState] = None, return_state=False, docs=None):
         att_x, wkv, ffn_x = state if state is not None else (None, None, None)
-        dx, v_first, (att_last, wkv) = self.att(self.ln1(x), v_first, att_x, wkv, return_state)
+        dx, v_first, (att_last, wkv) = self.att(self.ln1(x), v_first, att_x, wkv, return_state, docs)
         x = x + dx
-        dx, ffn_last = self.ffn(self.ln2(x), ffn_x)
+        dx, ffn_last = self.ffn(self.ln2(x), ffn_x, docs)
         x = x + dx
         return x, v_first, LayerState(att_last, wkv, ffn_last)
 
@@ -179,18 +194,29 @@ class RWKV7(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    def forward(self, idx: torch.Tensor, state: Optional[list] = None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state: Optional[list] = None, return_state: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None):
         """idx [B, T] -> logits [B, T, V] (float). With return_state, also the per-layer `LayerState` list
-        after the last token; pass it back as `state` to continue the sequence (RNN mode)."""
+        after the last token; pass it back as `state` to continue the sequence (RNN mode).
+
+        cu_seqlens: packed documents, as int64 start offsets into the flattened B*T tokens (0, every row start,
+        each document start, and B*T); every document then starts from a fresh state."""
         if idx.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"RWKV7 expects integer token ids, got {idx.dtype}")
+        B, T = idx.shape
+        docs = None
+        if cu_seqlens is not None:
+            if state is not None or return_state:
+                raise ValueError("RWKV7: cu_seqlens (packed documents) does not combine with RNN state")
+            idx = idx.reshape(1, B * T)
+            docs = Docs.from_cu_seqlens(cu_seqlens, B * T)
         x = self.blocks[0].ln0(self.emb(idx))
         v_first = None
         new_state = []
         for i, block in enumerate(self.blocks):
-            x, v_first, s = block(x, v_first, None if state is None else state[i], return_state)
+            x, v_first, s = block(x, v_first, None if state is None else state[i], return_state, docs)
             new_state.append(s)
-        logits = self.head(self.ln_out(x)).float()
+        logits = self.head(self.ln_out(x)).float().reshape(B, T, -1)
         return (logits, new_state) if return_state else logits
 
     @torch.no_grad()

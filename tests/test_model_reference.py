@@ -104,3 +104,19 @@ def test_rnn_state_matches_reference_state(tmp_path):
         assert rel(layer.att_x[0], ref_state[3 * i]) < 1e-5
         assert rel(layer.wkv[0], ref_state[3 * i + 1]) < 1e-4
         assert rel(layer.ffn_x[0], ref_state[3 * i + 2]) < 1e-5
+
+
+def test_packed_documents_equal_separate_sequences():
+    model = random_model(7, **SHAPES[2])
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(1, 1000, (2, 30), generator=g)
+    # row 0 holds documents [0, 7), [7, 8), [8, 30); row 1 holds [0, 19), [19, 30)
+    cu = torch.tensor([0, 7, 8, 30, 49, 60])
+    with torch.no_grad():
+        packed = model(rows, cu_seqlens=cu)
+        flat = rows.reshape(1, -1)
+        separate = torch.cat([model(flat[:, lo:hi]) for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
+    assert packed.shape == (2, 30, 1000)
+    assert rel(packed.reshape(1, 60, -1), separate) < 1e-5
+    with torch.no_grad():  # without boundaries the second document would see the first
+        assert rel(model(rows), separate.reshape(2, 30, -1)) > 1e-3

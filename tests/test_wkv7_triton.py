@@ -1,24 +1,20 @@
 """The Triton WKV-7 kernels against the float64 step-by-step loop: output, final state and every gradient.
 
-The float32 checks (small shapes) run in Triton's interpreter without CUDA (TRITON_INTERPRET=1, set here before
-the kernels are imported) and on the GPU with CUDA, there with IEEE float32 products instead of tf32; either way
+The float32 checks (small shapes) run in Triton's interpreter without CUDA (TRITON_INTERPRET=1, set by conftest.py
+before anything imports triton) and on the GPU with CUDA, there with IEEE float32 products instead of tf32; either way
 the error stays near 1e-7. With CUDA, bf16 checks at larger shapes hold the kernels to the bf16 floor with their
 production settings.
 """
 import math
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first import of the kernels
+import rwkv7_kernels
+from rwkv7_kernels import triton_wkv7, wkv7, wkv7_naive
+from rwkv7_kernels.triton_wkv7 import wkv7_triton
 
-from rwkv7_kernels import wkv7, wkv7_naive  # noqa: E402
-import rwkv7_kernels  # noqa: E402
-from rwkv7_kernels import triton_wkv7  # noqa: E402
-from rwkv7_kernels.triton_wkv7 import wkv7_triton  # noqa: E402
+CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if CUDA else "cpu"
 W_MIN = -math.exp(-0.5)   # log decay bound: decay exp(w) in (0.545, 1)
