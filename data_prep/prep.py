@@ -1,187 +1,163 @@
-"""Corpus files -> one tokenized binidx pair plus a JSON manifest (`rwkv7-prep`).
+"""Corpus -> prepared sources (`rwkv7-prep`): read, tokenize in parallel, write resumable binidx shards.
 
-Three steps with plain boundaries, so a parallel `datasets`-based reader can replace the first later:
-  iter_documents   files -> document strings (text: one per file; jsonl: one per line, field text_key)
-  write_corpus     strings -> World token ids -> <prefix>.bin/.idx (each document followed by token 0)
-  write_manifest   <prefix>.json: counts, sha256 of both files, tokenizer identity
+    readers.py  inputs -> raw batches (text, jsonl; parquet and Hugging Face datasets through `datasets`)
+    encode.py   raw batches -> token batches, in worker processes, in input order
+    shards.py   token batches -> DIR/shard-NNNNN.bin/.idx + DIR/manifest.json, resumable
+    this file   one run: options, the hold-out split, resuming, counting what was skipped
+
+Hold-out (val_every=K): the K-th, 2K-th, 3K-th ... kept document goes to a second source `DIR_val` instead of DIR.
+It depends only on the document order, so a resumed run splits the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from rwkv7_train.atomic import atomic_write
-from rwkv7_train.data.binidx import BinidxWriter, bin_path, idx_path
+import numpy as np
+
+from rwkv7_data_prep.encode import Encoded, Encoder
+from rwkv7_data_prep.readers import Input, read_batches, resolve_inputs
+from rwkv7_data_prep.shards import SourceWriter
+from rwkv7_train.data.manifest import Manifest
 from rwkv7_train.errors import UserError
 
 log = logging.getLogger("rwkv7_data_prep")
 
-FORMATS = ("auto", "text", "jsonl")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-MANIFEST_FORMAT = "rwkv7-binidx-manifest"
+DEFAULT_SHARD_TOKENS = 100_000_000
+MAX_WARNINGS = 20  # invalid-UTF-8 warnings shown; all are counted in the manifest
 
 
-@dataclass
-class Counts:
-    """What happened to the input, for the manifest and the summary line."""
-    documents: int = 0
-    skipped_empty: int = 0
-    skipped_invalid_utf8: int = 0
-    per_file: list[dict] = field(default_factory=list)
+def all_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def manifest_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(prefix)}.json")
+def val_dir(output: str | os.PathLike) -> Path:
+    """DIR_val beside DIR."""
+    out = Path(output)
+    if out.name in ("", ".", ".."):  # nothing to append "_val" to
+        out = out.resolve()
+    return out.with_name(out.name + "_val")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+class HoldOut:
+    """Splits the stream of kept documents: document g (from 0) is held out when (g + 1) % every == 0."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def route(self, g0: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """For documents g0 .. g0+n-1: their part (0 = DIR, 1 = DIR_val) and their index within that part."""
+        g = np.arange(g0, g0 + n, dtype=np.int64)
+        if not self.every:
+            return np.zeros(n, dtype=np.int64), g
+        held_through = (g + 1) // self.every  # held-out documents among 0..g
+        held = (g + 1) % self.every == 0
+        return held.astype(np.int64), np.where(held, held_through - 1, g - held_through)
+
+    def first_of(self, part: int, index: int) -> int:
+        """The stream position of document `index` of `part` (the inverse of route)."""
+        if part == 1:
+            return self.every * (index + 1) - 1
+        return index + index // (self.every - 1) if self.every else index
 
 
-def resolve_format(path: Path, fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt != "auto":
-        return fmt
-    return "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text"
-
-
-def _jsonl_documents(path: Path, text_key: str, counts: Counts) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                counts.skipped_invalid_utf8 += 1
-                log.warning("%s line %d: not valid UTF-8 (byte %d); line skipped", path, line_no, e.start)
-                continue
-            if not line.strip():
-                continue  # blank lines separate nothing in jsonl; they are not documents
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {line_no}: not valid JSON ({e.msg}); "
-                                "each line of a jsonl file must be one JSON object") from None
-            if not isinstance(record, dict) or text_key not in record:
-                raise UserError(f"{path} line {line_no}: no field {text_key!r}; "
-                                "set --text-key to the field that holds the text")
-            text = record[text_key]
-            if not isinstance(text, str):
-                raise UserError(f"{path} line {line_no}: field {text_key!r} is {type(text).__name__}, not a string; "
-                                "set --text-key to the field that holds the text")
-            yield text
-
-
-def _text_document(path: Path, counts: Counts) -> Iterator[str]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        counts.skipped_invalid_utf8 += 1
-        log.warning("%s: not valid UTF-8 (byte %d); file skipped", path, e.start)
-        return
-    yield text
-
-
-def iter_documents(inputs: Iterable[str | os.PathLike], fmt: str, text_key: str, counts: Counts) -> Iterator[str]:
-    """Non-empty documents of the inputs in order; empty ones and invalid UTF-8 are counted in `counts`."""
-    for name in inputs:
-        path = Path(name)
-        kind = resolve_format(path, fmt)
-        before = (counts.documents, counts.skipped_empty, counts.skipped_invalid_utf8)
-        docs = _jsonl_documents(path, text_key, counts) if kind == "jsonl" else _text_document(path, counts)
-        for text in docs:
-            if not text:
-                counts.skipped_empty += 1
-                continue
-            counts.documents += 1
-            yield text
-        after = (counts.documents, counts.skipped_empty, counts.skipped_invalid_utf8)
-        counts.per_file.append({"path": str(path), "format": kind, "documents": after[0] - before[0],
-                                "skipped_empty": after[1] - before[1], "skipped_invalid_utf8": after[2] - before[2]})
-
-
-def check_inputs(inputs: Iterable[str | os.PathLike], fmt: str) -> list[Path]:
-    """Fail before any work (and before loading the tokenizer) if an input is missing or the format is unknown."""
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise UserError("no input files given; pass one or more .txt or .jsonl files")
-    for path in paths:
-        resolve_format(path, fmt)
-        if not path.is_file():
-            raise UserError(f"input not found: {path}; pass existing .txt or .jsonl files")
-    return paths
-
-
-def write_corpus(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer) -> BinidxWriter:
-    """Tokenize and write the binidx pair; returns the finished writer (counts and checksums)."""
-    with BinidxWriter(output_prefix, vocab_size=tokenizer.vocab_size) as writer:
-        for text in documents:
-            writer.add_document(tokenizer.encode_to_numpy(text))
-        if writer.n_documents == 0:  # raised inside the `with`, so no empty pair is left behind
-            raise UserError(f"no non-empty documents in the inputs for {output_prefix}; check the files and --format")
-    return writer
-
-
-def write_json_atomically(path: Path, obj: dict) -> None:
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def write_manifest(output_prefix: str | os.PathLike, writer: BinidxWriter, counts: Counts, tokenizer) -> dict:
-    files = {}
-    for kind, path in (("bin", bin_path(output_prefix)), ("idx", idx_path(output_prefix))):
-        files[kind] = {"name": path.name, "bytes": path.stat().st_size, "sha256": writer.sha256[kind]}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "documents": writer.n_documents,
-        "tokens": writer.n_tokens,  # including one end-of-document 0 per document
-        "dtype": writer.dtype.name,
-        "vocab_size": writer.vocab_size,
-        "tokenizer": tokenizer.identity,
-        "files": files,
-        "skipped": {"empty": counts.skipped_empty, "invalid_utf8": counts.skipped_invalid_utf8},
-        "inputs": counts.per_file,
-    }
-    # Written last: a manifest whose checksums match its files means the pair is complete.
-    write_json_atomically(manifest_path(output_prefix), manifest)
-    return manifest
-
-
-def verify_manifest(prefix: str | os.PathLike) -> dict | None:
-    """The manifest of a complete, unchanged corpus, or None (missing, unreadable, or checksums differ)."""
-    try:
-        manifest = json.loads(manifest_path(prefix).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        for kind, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
-            if path.stat().st_size != files[kind]["bytes"] or sha256_file(path) != files[kind]["sha256"]:
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return manifest
-
-
-def prepare(inputs: list[str], output_prefix: str, fmt: str = "auto", text_key: str = "text",
-            tokenizer=None) -> dict:
-    """Tokenize `inputs` with the World tokenizer into `<output_prefix>.bin/.idx/.json`; returns the manifest.
-
-    fmt: "text" (each file is one document), "jsonl" (each line one document, field text_key) or "auto" (by
-    suffix: .jsonl/.ndjson are jsonl, anything else text). Empty documents and invalid UTF-8 are skipped and counted.
-    """
-    check_inputs(inputs, fmt)
+def prepare(inputs: list[str], output: str | os.PathLike, *, name: str | None = None, fmt: str = "auto",
+            text_key: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
+            val_every: int | None = None, dataset: str | None = None, config: str | None = None,
+            split: str = "train", tokenizer=None) -> list[Manifest]:
+    """Tokenize the inputs (files, or a `datasets` dataset) into the source `output` (and `output`_val when
+    val_every); returns their manifests. Resumes an interrupted run with the same inputs and options."""
+    sources = resolve_inputs(inputs, fmt, dataset, config, split)
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be at least 1, not {shard_tokens}")
+    if val_every is not None and val_every < 2:
+        raise UserError(f"--val-every must be at least 2 (every K-th document held out), not {val_every}")
+    workers = all_cores() if workers is None else workers
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, not {workers}")
     if tokenizer is None:
         from rwkv7_train.tokenizer import WorldTokenizer  # loads the vocab: only once the inputs look right
         tokenizer = WorldTokenizer()
-    counts = Counts()
-    writer = write_corpus(iter_documents(inputs, fmt, text_key, counts), output_prefix, tokenizer)
-    return write_manifest(output_prefix, writer, counts, tokenizer)
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a directory for the source (it is created)")
+    name = name or out.resolve().name
+    identity = [inp.identity() for inp in sources]
+    options = {"text_key": text_key, "shard_tokens": shard_tokens, "val_every": val_every}
+    skipped = {"empty": 0, "invalid_utf8": 0}
+    parts = [(out, name, "train")] + ([(val_dir(out), f"{name}_val", "val")] if val_every else [])
+    writers = [SourceWriter.open(d, n, tokenizer, identity, {**options, "part": p}, skipped) for d, n, p in parts]
+    if all(w.complete for w in writers):
+        for w in writers:
+            log.info("%s is complete (%d documents, %d tokens, checksums verified); nothing to do",
+                     w.manifest.source_dir, w.manifest.documents, w.manifest.tokens)
+        return [w.manifest for w in writers]
+
+    try:
+        _run(sources, text_key, tokenizer, workers, HoldOut(val_every), writers, skipped)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return [w.manifest for w in writers]
+
+
+def _run(sources: list[Input], text_key: str, tokenizer, workers: int, hold: HoldOut,
+         writers: list[SourceWriter], skipped: dict) -> None:
+    done = [w.manifest.documents for w in writers]  # documents already in finished shards
+    start = min(hold.first_of(p, done[p]) for p, w in enumerate(writers) if not w.complete)
+    kept = [0] * len(sources)  # per input, for "this input holds no documents"
+    checked = 0  # inputs before this one are fully read
+    g = 0  # stream position of the next kept document
+    with Encoder(tokenizer, text_key, workers) as encoder:
+        for batch, enc in encoder.map(read_batches(sources, text_key), skip_documents=start):
+            _count_skipped(enc, skipped)
+            kept[batch.input_index] += enc.documents
+            checked = _check_read(sources, kept, checked, batch.input_index)
+            if enc.tokens is not None:
+                _write(enc, g, hold, writers, done)
+            g += enc.documents
+    _check_read(sources, kept, checked, len(sources))
+    if g == 0:
+        raise UserError(f"no documents in {', '.join(s.label for s in sources)} ({skipped['empty']} empty, "
+                        f"{skipped['invalid_utf8']} not valid UTF-8); check the inputs, --format and --text-key")
+    if hold.every and g < hold.every:
+        raise UserError(f"--val-every {hold.every} holds out none of the {g} documents; remove "
+                        f"{writers[0].manifest.source_dir} and re-run with a smaller --val-every")
+    for w in writers:
+        if not w.complete:
+            w.finish()
+
+
+def _count_skipped(enc: Encoded, skipped: dict) -> None:
+    before = skipped["invalid_utf8"]
+    skipped["empty"] += enc.empty
+    skipped["invalid_utf8"] += len(enc.invalid)
+    for n, (where, offset) in enumerate(enc.invalid, start=before + 1):
+        if n <= MAX_WARNINGS:
+            log.warning("%s: not valid UTF-8 (at offset %d); document skipped", where, offset)
+        if n == MAX_WARNINGS:
+            log.warning("further invalid-UTF-8 documents are skipped without a warning; the manifest counts them")
+
+
+def _check_read(sources: list[Input], kept: list[int], checked: int, reading: int) -> int:
+    """UserError for a file or dataset read to its end (before `reading`) that gave no document."""
+    for i in range(checked, reading):
+        # A text file is one document: an empty one is counted like an empty jsonl line, not an error.
+        if sources[i].format != "text" and kept[i] == 0:
+            raise UserError(f"{sources[i].label} holds no non-empty, valid UTF-8 document; "
+                            "check --format and --text-key, or remove it from the inputs")
+    return max(checked, reading)
+
+
+def _write(enc: Encoded, g0: int, hold: HoldOut, writers: list[SourceWriter], done: list[int]) -> None:
+    part, index = hold.route(g0, enc.documents)
+    for p, w in enumerate(writers):
+        keep = (part == p) & (index >= done[p])  # documents of finished shards were written by an earlier run
+        if keep.all():
+            w.add(enc.tokens, enc.sizes)
+        elif keep.any():
+            w.add(enc.tokens[np.repeat(keep, enc.sizes)], enc.sizes[keep])

@@ -23,7 +23,7 @@ class RWKV7LitModule(L.LightningModule):
         self.optim_cfg = dict(optim)
         self.model: Optional[RWKV7] = None
         self.tokens_seen = 0
-        self._val_loss_sum = self._val_count = None
+        self._val_sums = self._val_counts = None
 
     def configure_model(self):
         # Built here rather than in __init__ so that sharded strategies (ZeRO-3) can wrap construction.
@@ -47,35 +47,46 @@ class RWKV7LitModule(L.LightningModule):
         self.log("train/lr", lr, prog_bar=True, on_step=True, on_epoch=False)
 
     def training_step(self, batch, batch_idx):
-        idx, targets = batch
-        loss = lm_loss(self.model(idx), targets)
+        loss = lm_loss(self.model(batch.idx, cu_seqlens=batch.cu_seqlens), batch.targets)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Tokens seen per data source over all ranks: the DataModule derives them from its sample count, so they
+        # need no communication and stay exact across a resume.
+        for name, n in self.trainer.datamodule.tokens_per_source().items():
+            self.log(f"train/tokens/{name}", float(n), on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer):
         self.tokens_seen += self.hparams.tokens_per_step
         self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)
 
     def on_validation_epoch_start(self):
-        self._val_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = len(self.trainer.datamodule.val_source_names)
+        self._val_sums = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self._val_counts = torch.zeros(n, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch, batch_idx):
-        idx, targets = batch
-        logits = self.model(idx)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        logits = self.model(batch.idx, cu_seqlens=batch.cu_seqlens)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
                                                  reduction="sum")
-        self._val_loss_sum += loss.double()
-        self._val_count += targets.numel()
+        self._val_sums[dataloader_idx] += loss.double()
+        self._val_counts[dataloader_idx] += batch.targets.numel()
 
     def on_validation_epoch_end(self):
-        total = self.trainer.strategy.reduce(self._val_loss_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        if count.item() == 0:
-            return
-        mean = (total / count).item()
-        self.log("val/loss", mean, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", math.exp(min(mean, 50.0)), sync_dist=False)
+        """val/<source>/loss and ppl per source with held-out data, and val/loss over all of them."""
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
+        names = self.trainer.datamodule.val_source_names
+        for name, total, count in zip(names, sums.tolist(), counts.tolist()):
+            if count and len(names) > 1:
+                self.log(f"val/{name}/loss", total / count, sync_dist=False, add_dataloader_idx=False)
+                self.log(f"val/{name}/ppl", math.exp(min(total / count, 50.0)), sync_dist=False,
+                         add_dataloader_idx=False)
+        if counts.sum().item():
+            mean = (sums.sum() / counts.sum()).item()
+            self.log("val/loss", mean, prog_bar=True, sync_dist=False, add_dataloader_idx=False)
+            self.log("val/ppl", math.exp(min(mean, 50.0)), sync_dist=False, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         o = self.optim_cfg

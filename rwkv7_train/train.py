@@ -6,6 +6,7 @@
     rwkv7-train --config-dir ~/my_configs experiment=mine
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def _one_line(e: Exception) -> str:
     if isinstance(e, MissingMandatoryValue):
-        return f"{e.full_key} is required: set it on the command line, e.g. {e.full_key}=..."
+        key = re.sub(r"\[(\d+)\]", r".\1", e.full_key)  # OmegaConf says a[1].b, Hydra overrides take a.1.b
+        return f"{key} is required: set it on the command line, e.g. {key}=..."
     # A UserError raised in a DataLoader worker arrives wrapped in a traceback: its last line is the message.
     lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     line = lines[-1].removeprefix(f"{UserError.__module__}.UserError: ") if isinstance(e, UserError) else lines[0]

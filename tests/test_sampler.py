@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from rwkv7_train.data.sampler import (golden_factor, is_prime, magic_prime, n_windows, sample_number,
-                                      window_start)
+from rwkv7_train.data.sampler import global_sample, golden_factor, is_prime, magic_prime, n_windows, window_start
 from rwkv7_train.errors import UserError
 
 
@@ -52,14 +51,20 @@ def test_window_start_equals_rwkv_lm_formula_in_python_ints(p):
     factor = int(p * ((math.sqrt(5) - 1) / 2))  # RWKV-LM's float64 golden-ratio factor
     assert golden_factor(p) == factor
     assert factor == (math.isqrt(5 * p * p) - p) // 2  # = floor(p (sqrt5 - 1) / 2), exactly
-    for epoch, idx, rank, world_size in [(0, 0, 0, 1), (0, 5, 3, 8), (7, 5039, 7, 8), (123, 40319, 0, 1)]:
-        ii = 1 + epoch * 40320 + idx * world_size + rank
-        assert sample_number(epoch, idx, rank, world_size, 40320) == ii
+    for ii in (1, 2, 40320, 5039 * 8 + 8, 123 * 40320 + 40319 + 1):
         assert window_start(ii, p, ctx_len) == ((factor * ii * ii * ii) % p) * ctx_len
+
+
+@pytest.mark.parametrize("world_size, per_rank", [(1, 40320), (8, 5040), (4, 6)])
+def test_global_sample_is_rwkv_lm_ii_minus_one_across_mini_epochs(world_size, per_rank):
+    for rank in {0, world_size - 1}:
+        for k in (0, 1, per_rank - 1, per_rank, 7 * per_rank + 5):
+            epoch, idx = divmod(k, per_rank)
+            ii = 1 + epoch * (per_rank * world_size) + idx * world_size + rank  # RWKV-LM's dataset.py
+            assert global_sample(k, rank, world_size) == ii - 1
 
 
 def test_sample_numbers_of_all_ranks_tile_the_epochs_without_gaps_or_repeats():
     world_size, per_rank = 4, 6
-    numbers = [sample_number(epoch, idx, rank, world_size, per_rank * world_size)
-               for epoch in range(3) for idx in range(per_rank) for rank in range(world_size)]
-    assert sorted(numbers) == list(range(1, 3 * per_rank * world_size + 1))
+    numbers = [global_sample(k, rank, world_size) for k in range(3 * per_rank) for rank in range(world_size)]
+    assert sorted(numbers) == list(range(3 * per_rank * world_size))

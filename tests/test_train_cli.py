@@ -169,3 +169,30 @@ def test_wrong_model_for_init_from_names_the_tensor(run_dir, env, tmp_path):
 def test_module_entry_point_runs(env, tmp_path):
     out = cli([sys.executable, "-m", "rwkv7_train.train", "--cfg", "job"], env, tmp_path).stdout
     assert "n_layer: 4" in out
+
+
+def test_mixture_of_prepared_sources_logs_tokens_and_val_loss_per_source(env, tmp_path):
+    """rwkv7-prep two sources (with held-out parts), then train a packed mixture of them from the command line."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    inputs = {"json_lib": sorted((stdlib / "json").glob("*.py")), "email_lib": sorted((stdlib / "email").glob("*.py"))}
+    sources = []
+    for name, files in inputs.items():
+        cli(["rwkv7-prep", *map(str, files), "--output", str(tmp_path / name), "--val-every", "4", "--workers", "1"],
+            env, tmp_path)
+        sources.append(f"{{name: {name}, path: {tmp_path / name}, weight: {3 if name == 'email_lib' else 1}, "
+                       f"val_path: {tmp_path / name}_val}}")
+    out = tmp_path / "mix"
+    train([*SMALL, "data=mixture", f"data.sources=[{','.join(sources)}]", "data.sampling=packed",
+           "data.num_workers=0", "data.epoch_steps=100", "data.ctx_len=32", "data.micro_bsz=4",
+           "trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.log_every_n_steps=1", "logger=csv",
+           f"hydra.run.dir={out}"], env, tmp_path)
+    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    last = {k: v for r in rows for k, v in r.items() if v}
+    seen = {n: float(last[f"train/tokens/{n}"]) for n in inputs}
+    assert seen["json_lib"] + seen["email_lib"] == 8 * 4 * 32
+    assert seen["email_lib"] > seen["json_lib"]          # weight 3 : 1
+    for name in inputs:
+        assert 0 < float(last[f"val/{name}/loss"]) < 12
+    assert "val/loss" in last

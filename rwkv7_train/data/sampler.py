@@ -15,9 +15,11 @@ RWKV-LM (RWKV-v7/train_temp/src/dataset.py) numbers samples per rank as
     ii = 1 + epoch * samples_per_epoch + idx * world_size + rank
 
 with idx this rank's position in the mini-epoch (0 .. epoch_steps * micro_bsz - 1) and samples_per_epoch =
-epoch_steps * micro_bsz * world_size (it insists on 40320). It computes the factor in float64 as
-int(p * ((sqrt(5) - 1) / 2)) and ii**3 in Python integers; golden_factor and window_start do the same, so a run
-with the same file, ctx_len, micro-batch and world size sees RWKV-LM's samples in RWKV-LM's order.
+epoch_steps * micro_bsz * world_size (it insists on 40320). Counting a rank's samples k = epoch * (epoch_steps *
+micro_bsz) + idx across mini-epochs, that is ii = 1 + k * world_size + rank: global_sample gives ii - 1. RWKV-LM
+computes the factor in float64 as int(p * ((sqrt(5) - 1) / 2)) and ii**3 in Python integers; golden_factor and
+window_start do the same, so a run with the same file, ctx_len, micro-batch and world size sees RWKV-LM's samples
+in RWKV-LM's order.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ def golden_factor(p: int) -> int:
     return int(p * GOLDEN)
 
 
-def sample_number(epoch: int, idx: int, rank: int, world_size: int, samples_per_epoch: int) -> int:
-    """RWKV-LM's ii for sample `idx` of `rank` in mini-epoch `epoch`; samples_per_epoch counts all ranks."""
-    return 1 + epoch * samples_per_epoch + idx * world_size + rank
+def global_sample(k: int, rank: int, world_size: int) -> int:
+    """The 0-based number over all ranks of `rank`'s k-th sample (k counted across mini-epochs): RWKV-LM's ii - 1."""
+    return k * world_size + rank
 
 
 def window_start(ii: int, p: int, ctx_len: int) -> int:
