@@ -6,7 +6,7 @@ BlinkDL `.pth` loads with `load_state_dict` as it is. The model knows nothing of
     x = ln0(emb(idx));  per block: x += att(ln1(x)); x += ffn(ln2(x));  logits = head(ln_out(x))
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
 import torch

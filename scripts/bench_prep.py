@@ -19,11 +19,16 @@ import platform
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from rwkv7_data_prep.prep import all_cores, prepare
 from rwkv7_train.tokenizer import WorldTokenizer
+
+
+def best_time(fn, repeats: int) -> float:
+    from bench_tokenizer import best_time as best  # see documents() for why the import is local
+
+    return best(fn, repeats)
 
 
 def documents(mb: float, seed: int) -> list[str]:
@@ -39,15 +44,6 @@ def documents(mb: float, seed: int) -> list[str]:
         docs.append(text[i:i + n])
         i += n
     return docs
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
