@@ -13,10 +13,12 @@ from .optim import lr_at, param_groups
 
 class RWKV7LitModule(L.LightningModule):
     def __init__(self, model: dict, optim: dict, tokens_per_step: int, total_tokens: int,
-                 init_from: Optional[str] = None, run_config: Optional[dict] = None):
+                 init_from: Optional[str] = None, activation_checkpointing: bool = False,
+                 run_config: Optional[dict] = None):
         """model: RWKV7Config fields; optim: lr_init, lr_final, warmup_steps, betas, eps, weight_decay;
         tokens_per_step: tokens in one optimizer step over all ranks; total_tokens: length of the schedule;
-        init_from: official `.pth` to start from; run_config: the resolved run config, stored in checkpoints."""
+        init_from: official `.pth` to start from; activation_checkpointing: recompute each block in backward;
+        run_config: the resolved run config, stored in checkpoints."""
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = RWKV7Config.from_dict(dict(model))
@@ -30,6 +32,7 @@ class RWKV7LitModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = RWKV7(self.model_cfg)
+        self.model.activation_checkpointing = self.hparams.activation_checkpointing
         if self.hparams.init_from:
             path = self.hparams.init_from
             load_into(self.model, load_state_dict_file(path), source=str(path))

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rwkv7_kernels import wkv7
 
@@ -187,6 +188,8 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Recompute each block's activations in backward instead of storing them (training memory ~ one block).
+        self.activation_checkpointing = False
         # Layer 0's value-residual LoRA is in the official layout but never used (layer 0 makes v_first):
         # frozen, so DDP sees no parameter without a gradient.
         for p in (self.blocks[0].att.v0, self.blocks[0].att.v1, self.blocks[0].att.v2):
@@ -213,8 +216,10 @@ class RWKV7(nn.Module):
         x = self.blocks[0].ln0(self.emb(idx))
         v_first = None
         new_state = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, v_first, s = block(x, v_first, None if state is None else state[i], return_state, docs)
+            args = (x, v_first, None if state is None else state[i], return_state, docs)
+            x, v_first, s = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             new_state.append(s)
         logits = self.head(self.ln_out(x)).float().reshape(B, T, -1)
         return (logits, new_state) if return_state else logits

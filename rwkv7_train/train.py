@@ -67,7 +67,8 @@ def fit(cfg: DictConfig) -> Path:
                        * cfg.trainer.accumulate_grad_batches)
     total_tokens = cfg.optim.total_tokens or tokens_per_step * max(cfg.trainer.max_steps, 1)
     module = RWKV7LitModule(model=resolved["model"], optim=resolved["optim"], tokens_per_step=tokens_per_step,
-                            total_tokens=total_tokens, init_from=cfg.init_from, run_config=resolved)
+                            total_tokens=total_tokens, init_from=cfg.init_from,
+                            activation_checkpointing=cfg.activation_checkpointing, run_config=resolved)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}")
