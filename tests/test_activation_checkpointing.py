@@ -1,16 +1,12 @@
 """Activation checkpointing recomputes each block in backward and changes no number."""
 import torch
 
-from rwkv7_train import RWKV7, RWKV7Config
+from random_model import random_model
 from rwkv7_train.loss import lm_loss
 
 
 def grads_and_block_calls(checkpointing: bool, cu_seqlens=None):
-    torch.manual_seed(0)
-    model = RWKV7(RWKV7Config(vocab_size=200, n_layer=3, n_embd=64, head_size=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = random_model(0, scale=0.1, vocab_size=200, n_layer=3, n_embd=64, head_size=32)
     model.activation_checkpointing = checkpointing
     calls = []
     model.blocks[1].register_forward_pre_hook(lambda *_: calls.append(1))

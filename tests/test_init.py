@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from random_model import random_model
 from rwkv7_train import RWKV7, RWKV7Config
 
 
@@ -87,11 +88,7 @@ def test_model_configs_shipped_with_the_package_build_those_sizes():
 
 def test_every_trainable_parameter_gets_a_gradient():
     # DDP requires it; layer 0's unused value-residual LoRA is frozen rather than left without a gradient.
-    torch.manual_seed(0)
-    model = RWKV7(RWKV7Config(vocab_size=100, n_layer=2, n_embd=64, head_size=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = random_model(0, scale=0.1, vocab_size=100, n_layer=2, n_embd=64, head_size=32)
     model(torch.randint(0, 100, (2, 20))).logsumexp(-1).mean().backward()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}

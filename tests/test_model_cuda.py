@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rwkv7_train import RWKV7, RWKV7Config
+from random_model import random_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -13,12 +13,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = RWKV7(RWKV7Config(vocab_size=1000, n_layer=3, n_embd=256, head_size=64))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return m
+    return random_model(0, scale=0.1, vocab_size=1000, n_layer=3, n_embd=256, head_size=64)
 
 
 def test_cuda_fp32_logits_match_cpu(model):

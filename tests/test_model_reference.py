@@ -2,22 +2,13 @@
 import pytest
 import torch
 
+from random_model import random_model
 from reference import reference_logits, reference_model
-from rwkv7_train import RWKV7, RWKV7Config, load_official, save_official
+from rwkv7_train import load_official, save_official
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def random_model(seed, **cfg):
-    """An RWKV7 with every parameter perturbed, so zero-initialised tensors (LoRA inputs, output) matter too."""
-    torch.manual_seed(seed)
-    model = RWKV7(RWKV7Config(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model
 
 
 SHAPES = [
