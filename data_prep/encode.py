@@ -1,5 +1,10 @@
 """Raw batches -> token batches: UTF-8 check, JSON parsing and World tokenizing, in worker processes.
 
+A batch's kept documents go to the tokenizer as one buffer with their byte offsets (Arrow's layout of a string
+column), in one call of `WorldTokenizer.encode_documents`: on the common path no Python object is made per document.
+jsonl blocks are parsed by Arrow's JSON reader (C++) wherever it is sure to agree with parsing line by line with
+`json.loads`, and line by line otherwise, which also names the file and line of a bad one (see _jsonl_column).
+
 Results come back in input order whatever the number of workers, so the output does not depend on it. A bounded
 number of batches is in flight (queued to workers, or finished and waiting for their turn), so an input larger than
 memory streams through. Workers are spawned (not forked: the main process may run `datasets`/pyarrow threads) and
@@ -8,6 +13,7 @@ exit by themselves if the main process dies.
 
 from __future__ import annotations
 
+import codecs
 import json
 import multiprocessing
 import os
@@ -20,11 +26,12 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.json as pa_json
 
 from rwkv7_data_prep.readers import RawBatch, read_file
 from rwkv7_train.errors import UserError
 
-_EOD = np.zeros(1, dtype=np.uint16)  # token 0 after each document
 # Batches this process may encode ahead of the oldest one still out: enough to cover the workers' start-up
 # (about 0.4 s), at the cost of up to about 50 MB of finished tokens waiting in memory.
 AHEAD = 64
@@ -39,53 +46,135 @@ class Encoded:
     sizes: np.ndarray | None = None  # tokens per kept document, its 0 included
 
 
-def _documents(batch: RawBatch, text_key: str, out: Encoded) -> Iterator[bytes]:
-    """The batch's non-empty, valid documents as UTF-8 bytes; counts the others in `out`."""
-    for j, item in enumerate(batch.items()):
-        if batch.kind == "text":
-            item = read_file(item)
-        elif batch.kind == "jsonl":
-            if not item.strip():
-                continue  # blank lines separate nothing in jsonl; they are not documents
-            try:
-                item = _jsonl_text(item, batch.where(j), text_key)
-            except UnicodeDecodeError as e:
-                out.invalid.append((batch.where(j), e.start))
-                continue
-        elif item is not None and not isinstance(item, (str, bytes)):
-            raise UserError(f"{batch.where(j)}: column {text_key!r} holds {type(item).__name__}, not text; "
-                            "set --text-key to the column that holds the text")
-        if not item:
+def encode_batch(batch: RawBatch, tokenizer, text_key: str, tokenize: bool = True) -> Encoded:
+    """Tokenize the batch's documents (or, when not tokenize, only count them: for skipping on resume)."""
+    out = Encoded(documents=0)
+    if batch.kind == "text":
+        data, offsets = _drop_invalid(*_pack([read_file(path) for path in batch.payload]), batch, out)
+    elif batch.kind == "jsonl":
+        column = _jsonl_column(batch.payload, text_key)
+        data, offsets = _pack(_jsonl_lines(batch, text_key, out)) if column is None else _arrow_buffers(column)
+    else:
+        data, offsets = _drop_invalid(*_column_buffers(batch, text_key), batch, out)
+    kept = np.unique(offsets)  # offsets are sorted: dropping repeats drops the empty documents
+    out.empty += offsets.size - kept.size
+    out.documents = kept.size - 1
+    if tokenize:
+        out.tokens, out.sizes = tokenizer.encode_documents(data, kept)
+    return out
+
+
+def _pack(documents: list) -> tuple[bytes, np.ndarray]:
+    """Bytes-like documents -> one buffer and their n + 1 offsets."""
+    return b"".join(documents), np.cumsum([0] + [len(d) for d in documents], dtype=np.int64)
+
+
+def _arrow_buffers(array: pa.Array) -> tuple[pa.Buffer, np.ndarray]:
+    """A string or binary Arrow array without nulls -> its data buffer and its int64 offsets into that buffer."""
+    array = array.cast(pa.large_binary())
+    _, offsets, data = array.buffers()
+    return data, np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+
+
+def _utf8_valid(data, offsets: np.ndarray) -> bool:
+    """Whether every document data[offsets[i]:offsets[i+1]] is UTF-8. Arrow's validator checks without building
+    a str: about 4x faster than bytes.decode on non-ASCII text, which would otherwise cost a third of the
+    tokenizer's time."""
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    array = pa.Array.from_buffers(pa.large_string(), offsets.size - 1, buffers)
+    try:
+        array.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _drop_invalid(data, offsets: np.ndarray, batch: RawBatch, out: Encoded) -> tuple[bytes, np.ndarray]:
+    """The documents without those that are not UTF-8, which are recorded in `out` with where they went wrong."""
+    if _utf8_valid(data, offsets):
+        return data, offsets
+    view, valid = memoryview(data), []
+    for j in range(offsets.size - 1):
+        document = view[offsets[j]:offsets[j + 1]]
+        try:
+            str(document, "utf-8")  # for the offset, which Arrow does not report
+        except UnicodeDecodeError as e:
+            out.invalid.append((batch.where(j), e.start))
+        else:
+            valid.append(document)
+    return _pack(valid)
+
+
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
+               pa.types.is_large_binary, pa.types.is_binary_view)
+
+
+def _column_buffers(batch: RawBatch, text_key: str) -> tuple[pa.Buffer, np.ndarray]:
+    """A parquet or dataset column of str or bytes values -> its buffers, a null (None) being an empty document."""
+    column = batch.payload
+    value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if column.null_count == len(column):
+        column = pa.nulls(len(column), pa.large_binary())
+    elif not any(is_text(value_type) for is_text in _TEXT_TYPES):
+        j = column.is_valid().index(True).as_py()  # the first value that is not None
+        raise UserError(f"{batch.where(j)}: column {text_key!r} holds {type(column[j].as_py()).__name__}, not text; "
+                        "set --text-key to the column that holds the text")
+    # One layout whatever the column's (str or bytes, 32- or 64-bit offsets, dictionary), so one filler for None.
+    return _arrow_buffers(column.cast(pa.large_binary()).fill_null(b""))
+
+
+def _jsonl_column(block: bytes, text_key: str) -> pa.Array | None:
+    """The text_key values of a block of jsonl lines, parsed by Arrow's JSON reader; None where that could differ
+    from parsing line by line with json.loads, and the block must take that path.
+
+    Checked against json.loads (pyarrow 26): Arrow fails on what json.loads rejects, except that it does not check
+    UTF-8 (json.loads raises on any field's bad bytes, decoding the whole line), it splits lines also at a lone CR and
+    reads several objects on one line as several rows, and it skips a byte-order mark only at the start of the
+    block (json.loads at the start of every line). It also reads a missing text_key as null, like an explicit null,
+    which json.loads tells apart. So: the block must be UTF-8 and not start with a mark, Arrow must give exactly one
+    row per non-blank line (each such line gives at least one, so equal counts mean one each), and no nulls.
+    """
+    if block.startswith(codecs.BOM_UTF8) or not _utf8_valid(block, np.array([0, len(block)], dtype=np.int64)):
+        return None
+    try:
+        table = pa_json.read_json(pa.BufferReader(block), read_options=_JSON_READ, parse_options=_json_parse(text_key))
+    except pa.ArrowInvalid:  # not JSON, not an object, text_key not a string, or it appears twice: see the lines
+        return None
+    column = table.column(text_key)
+    if column.null_count or table.num_rows != sum(1 for line in block.split(b"\n") if line.strip()):
+        return None
+    return column.combine_chunks()
+
+
+# One thread: the worker processes are the parallelism. Blocks hold 1-2 MB (readers.BATCH_BYTES plus a line), so
+# 16 MB keeps each in one chunk.
+_JSON_READ = pa_json.ReadOptions(use_threads=False, block_size=16 << 20)
+
+
+def _json_parse(text_key: str) -> pa_json.ParseOptions:
+    return pa_json.ParseOptions(explicit_schema=pa.schema([(text_key, pa.string())]),
+                                unexpected_field_behavior="ignore")
+
+
+def _jsonl_lines(batch: RawBatch, text_key: str, out: Encoded) -> list[bytes]:
+    """The block's non-empty, valid documents, each line parsed by json.loads; counts the others in `out`."""
+    documents = []
+    for j, line in enumerate(batch.payload.split(b"\n")):
+        if not line.strip():
+            continue  # blank lines separate nothing in jsonl; they are not documents
+        try:
+            text = _jsonl_text(line, batch.where(j), text_key)
+        except UnicodeDecodeError as e:
+            out.invalid.append((batch.where(j), e.start))
+            continue
+        if not text:
             out.empty += 1
             continue
-        if isinstance(item, str):
-            try:
-                item = item.encode("utf-8")
-            except UnicodeEncodeError as e:  # lone surrogates, from JSON escapes such as "\\ud800"
-                out.invalid.append((batch.where(j), e.start))
-                continue
-        elif (bad := _utf8_error(item)) is not None:
-            out.invalid.append((batch.where(j), bad))
-            continue
-        yield item
-
-
-def _utf8_error(data: bytes) -> int | None:
-    """Offset of the first byte that is not UTF-8, or None. Arrow's validator checks without building a str:
-    about 4x faster than bytes.decode on non-ASCII text, which would otherwise cost a third of the tokenizer's time."""
-    if data.isascii():
-        return None
-    import pyarrow as pa  # here, not at the top: jsonl never needs it, and workers start faster without it
-
-    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64))
-    try:
-        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
-    except pa.ArrowInvalid:
         try:
-            data.decode("utf-8")  # for the offset, which Arrow does not report
-        except UnicodeDecodeError as e:
-            return e.start
-    return None
+            documents.append(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # lone surrogates, from JSON escapes such as "\\ud800"
+            out.invalid.append((batch.where(j), e.start))
+    return documents
 
 
 def _jsonl_text(line: bytes, where: str, text_key: str) -> str | None:
@@ -101,19 +190,6 @@ def _jsonl_text(line: bytes, where: str, text_key: str) -> str | None:
         raise UserError(f"{where}: field {text_key!r} is {type(text).__name__}, not a string; "
                         "set --text-key to the field that holds the text")
     return text
-
-
-def encode_batch(batch: RawBatch, tokenizer, text_key: str, tokenize: bool = True) -> Encoded:
-    """Tokenize the batch's documents (or, when not tokenize, only count them: for skipping on resume)."""
-    out = Encoded(documents=0)
-    if not tokenize:
-        out.documents = sum(1 for _ in _documents(batch, text_key, out))
-        return out
-    pieces = [tokenizer.encode_to_numpy(doc) for doc in _documents(batch, text_key, out)]
-    out.documents = len(pieces)
-    out.sizes = np.fromiter((p.size + 1 for p in pieces), dtype=np.int64, count=len(pieces))
-    out.tokens = np.concatenate([x for p in pieces for x in (p, _EOD)]) if pieces else _EOD[:0]
-    return out
 
 
 # --- the worker side: one tokenizer per process, set by the pool initializer ---
@@ -223,8 +299,14 @@ class Encoder:
             yield batch, out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is None:
+            return
+        if not self._started.done():
+            # The input ended before any worker was up (a small input): it has no task, and waiting for it to finish
+            # starting only to exit would add its start-up (about half a second) to the run.
+            for process in self._pool._processes.values():  # the executor has no public way to stop its processes
+                process.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "Encoder":
         return self

@@ -19,8 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR
+from typing import TYPE_CHECKING
 
 from rwkv7_train.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -55,16 +59,13 @@ class Input:
 @dataclass
 class RawBatch:
     """Documents as read. text: payload is a list of file paths (the workers read them, in parallel); jsonl: whole
-    lines of `label` as one bytes object (one object pickles much faster than many), from line `first`; column: a
-    list of values (str, bytes or None) of `label` from row `first`."""
+    lines of `label` as one bytes object (one object pickles much faster than many), from line `first`; column: an
+    Arrow array (str or bytes values, or None) of `label` from row `first`, which pickles as its buffers."""
     kind: str
-    payload: list | bytes
+    payload: list | bytes | pa.Array
     input_index: int  # for jsonl and column batches, which never span two inputs
     label: str = ""
     first: int = 0
-
-    def items(self) -> list:
-        return self.payload.split(b"\n") if self.kind == "jsonl" else self.payload
 
     def where(self, j: int) -> str:
         if self.kind == "text":
@@ -169,7 +170,7 @@ def _column_batches(inp: Input, index: int, text_key: str) -> Iterator[RawBatch]
                             "check the file, or re-download the dataset") from None
         if table is None:
             return
-        values = table.column(text_key).to_pylist()
+        values = table.column(text_key).combine_chunks()
         yield RawBatch("column", values, index, inp.label, row)
         row += len(values)
 

@@ -143,10 +143,32 @@ typedef struct {
     int no_memory;
 } EncodeResult;
 
+/* The longest token at src[pos..n): its slot, with *end set to where it stops; 0 (the root) when none starts there. */
+static inline uint32_t longest_match(const Slot *slots, const uint8_t *src, Py_ssize_t pos, Py_ssize_t n,
+                                     Py_ssize_t *end)
+{
+    uint32_t s = 0, best = 0;
+    Py_ssize_t best_end = pos;
+    /* Walk as deep as the input allows, remembering the last node that ends a token. */
+    while (pos < n) {
+        uint32_t child = slots[s].base + src[pos];
+        uint32_t check = slots[child].check;
+        if ((check & PARENT_MASK) != s + 1)
+            break;
+        s = child;
+        pos++;
+        /* Where a token ends is unpredictable, so select instead of branching. */
+        int ends = (check & ENDS_TOKEN) != 0;
+        best = ends ? s : best;
+        best_end = ends ? pos : best_end;
+    }
+    *end = best_end;
+    return best;
+}
+
 /* Runs without the GIL: touches only the immutable trie, the caller's buffer and raw-allocated memory. */
 static void encode_core(const Trie *t, const uint8_t *src, Py_ssize_t n, EncodeResult *r)
 {
-    const Slot *slots = t->slots;
     /* Tokens average 3-4 bytes; start at a third of the input and grow if needed. */
     Py_ssize_t cap = n / 3 + 64, k = 0, pos = 0;
     uint32_t *out = PyMem_RawMalloc((size_t)cap * sizeof(uint32_t));
@@ -159,21 +181,8 @@ static void encode_core(const Trie *t, const uint8_t *src, Py_ssize_t n, EncodeR
         return;
     }
     while (pos < n) {
-        uint32_t s = 0, best = 0; /* best: slot of the longest token so far; 0 (the root) is none */
-        Py_ssize_t p = pos, best_end = pos;
-        /* Walk as deep as the input allows, remembering the last node that ends a token. */
-        while (p < n) {
-            uint32_t child = slots[s].base + src[p];
-            uint32_t check = slots[child].check;
-            if ((check & PARENT_MASK) != s + 1)
-                break;
-            s = child;
-            p++;
-            /* Where a token ends is unpredictable, so select instead of branching. */
-            int ends = (check & ENDS_TOKEN) != 0;
-            best = ends ? s : best;
-            best_end = ends ? p : best_end;
-        }
+        Py_ssize_t end;
+        uint32_t best = longest_match(t->slots, src, pos, n, &end);
         if (best == 0) {
             r->bad_offset = pos;
             break;
@@ -189,7 +198,7 @@ static void encode_core(const Trie *t, const uint8_t *src, Py_ssize_t n, EncodeR
             cap = new_cap;
         }
         out[k++] = t->slot_token[best];
-        pos = best_end;
+        pos = end;
     }
     r->out = out;
     r->n_out = k;
@@ -259,6 +268,103 @@ static PyObject *Trie_encode_u16(Trie *self, PyObject *data)
     }
     PyMem_RawFree(r.out);
     return arr;
+}
+
+/* Documents src[offsets[d] .. offsets[d + 1]) for d < n_docs -> their ids back to back in `tokens`, each followed by
+ * 0 (end of document), and sizes[d] = that document's ids plus its 0. Runs without the GIL. Returns the number of
+ * ids written, or -1 with *bad_doc and *bad_offset set where a byte starts no token. */
+static Py_ssize_t encode_documents_core(const Trie *t, const uint8_t *src, const int64_t *offsets, Py_ssize_t n_docs,
+                                        uint16_t *tokens, int64_t *sizes, Py_ssize_t *bad_doc,
+                                        Py_ssize_t *bad_offset)
+{
+    Py_ssize_t k = 0;
+    for (Py_ssize_t d = 0; d < n_docs; d++) {
+        Py_ssize_t pos = (Py_ssize_t)offsets[d], n = (Py_ssize_t)offsets[d + 1], first = k;
+        while (pos < n) {
+            Py_ssize_t end;
+            uint32_t best = longest_match(t->slots, src, pos, n, &end);
+            if (best == 0) {
+                *bad_doc = d;
+                *bad_offset = pos;
+                return -1;
+            }
+            tokens[k++] = (uint16_t)t->ids[t->slot_token[best]];
+            pos = end;
+        }
+        tokens[k++] = 0;
+        sizes[d] = k - first;
+    }
+    return k;
+}
+
+/* encode_documents(data, offsets) -> (tokens, sizes) as bytearrays of uint16 and int64; offsets: n + 1 native int64
+ * byte offsets into data, non-decreasing (checked). See WorldTokenizer.encode_documents. */
+static PyObject *Trie_encode_documents(Trie *self, PyObject *args)
+{
+    PyObject *data_obj, *offsets_obj, *tokens = NULL, *sizes = NULL, *result = NULL;
+    Py_buffer data = {0}, offsets = {0};
+    if (!PyArg_ParseTuple(args, "OO:encode_documents", &data_obj, &offsets_obj))
+        return NULL;
+    if (!self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Trie was not initialised");
+        return NULL;
+    }
+    if (self->max_id > UINT16_MAX) {
+        PyErr_Format(PyExc_ValueError, "the vocab has token id %u, which does not fit in uint16", self->max_id);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(data_obj, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(offsets_obj, &offsets, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        goto done;
+    /* numpy's int64 is 'l' or 'q' depending on the platform, maybe with a byte-order prefix */
+    size_t fmt_len = offsets.format ? strlen(offsets.format) : 0;
+    char kind = fmt_len ? offsets.format[fmt_len - 1] : 'B';
+    if (offsets.itemsize != 8 || (kind != 'q' && kind != 'l') || offsets.len < 8) {
+        PyErr_SetString(PyExc_TypeError, "offsets must be a contiguous int64 array of at least one element");
+        goto done;
+    }
+    const int64_t *off = (const int64_t *)offsets.buf;
+    Py_ssize_t n_docs = offsets.len / 8 - 1;
+    if (off[0] < 0 || off[n_docs] > (int64_t)data.len) {
+        PyErr_Format(PyExc_ValueError, "offsets span %lld..%lld, outside the data's %zd bytes", (long long)off[0],
+                     (long long)off[n_docs], data.len);
+        goto done;
+    }
+    for (Py_ssize_t d = 0; d < n_docs; d++) {
+        if (off[d + 1] < off[d]) {
+            PyErr_Format(PyExc_ValueError, "offsets decrease at document %zd", d);
+            goto done;
+        }
+    }
+    /* At most one id per byte, plus the 0s; the unused tail is given back below. */
+    Py_ssize_t cap = (Py_ssize_t)(off[n_docs] - off[0]) + n_docs;
+    tokens = PyByteArray_FromStringAndSize(NULL, cap * (Py_ssize_t)sizeof(uint16_t));
+    sizes = PyByteArray_FromStringAndSize(NULL, n_docs * (Py_ssize_t)sizeof(int64_t));
+    if (tokens == NULL || sizes == NULL)
+        goto done;
+    Py_ssize_t n_tokens, bad_doc = 0, bad_offset = 0;
+    uint16_t *dst = (uint16_t *)PyByteArray_AS_STRING(tokens);
+    int64_t *dst_sizes = (int64_t *)PyByteArray_AS_STRING(sizes);
+    Py_BEGIN_ALLOW_THREADS
+    n_tokens = encode_documents_core(self, (const uint8_t *)data.buf, off, n_docs, dst, dst_sizes, &bad_doc,
+                                     &bad_offset);
+    Py_END_ALLOW_THREADS
+    if (n_tokens < 0) {
+        PyErr_Format(PyExc_ValueError, "document %zd: byte 0x%02x at offset %zd starts no token of the vocab", bad_doc,
+                     ((const uint8_t *)data.buf)[bad_offset], bad_offset);
+        goto done;
+    }
+    if (PyByteArray_Resize(tokens, n_tokens * (Py_ssize_t)sizeof(uint16_t)) < 0)
+        goto done;
+    result = PyTuple_Pack(2, tokens, sizes);
+done:
+    Py_XDECREF(tokens);
+    Py_XDECREF(sizes);
+    if (offsets.obj != NULL)
+        PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
+    return result;
 }
 
 static void Trie_dealloc(Trie *self)
@@ -379,6 +485,9 @@ static PyMethodDef Trie_methods[] = {
      "encode(data) -> list[int]: greedy longest-match token ids of a bytes-like object."},
     {"encode_u16", (PyCFunction)Trie_encode_u16, METH_O,
      "encode_u16(data) -> bytearray: the same ids as native-endian uint16 values."},
+    {"encode_documents", (PyCFunction)Trie_encode_documents, METH_VARARGS,
+     "encode_documents(data, offsets) -> (bytearray, bytearray): the ids of documents data[offsets[i]:offsets[i+1]] "
+     "as uint16, each followed by 0, and each document's count (its 0 included) as int64."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -89,6 +89,64 @@ def test_text_jsonl_and_parquet_round_trip_and_bad_documents_are_counted(tmp_pat
     assert any("c.txt: not valid UTF-8 (at offset 0)" in w for w in warned)
 
 
+def test_jsonl_that_arrow_would_read_differently_is_read_as_json_loads_does(tmp_path, tok, caplog):
+    # Each line is valid for Arrow's JSON reader, but json.loads reads it otherwise; blocks holding one must agree
+    # with json.loads, and the blocks around them (parsed by Arrow) must be unaffected.
+    caplog.set_level(logging.WARNING, logger="rwkv7_data_prep")
+    texts = random_texts(3000, seed=12, words=(60, 120))  # > 2 MB: several blocks
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts]
+    lines[1500] = b'{"text": "kept", "other": "\xff"}'  # bad bytes outside the text: json.loads skips the line
+    lines[1501] = b'{"text": "first", "text": "second"}'  # json.loads keeps the last
+    lines[1502] = b"\xef\xbb\xbf" + lines[1502]  # a byte-order mark at the start of a line: json.loads reads on
+    lines[1503] = b'{"text": null}'  # an empty document
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+    [m] = prepare([str(tmp_path / "a.jsonl")], tmp_path / "src", workers=1, tokenizer=tok)
+
+    kept = texts[:1500] + ["second", texts[1502]] + texts[1504:]
+    np.testing.assert_array_equal(stream(m), expected_stream(tok, kept))
+    assert m.skipped == {"empty": 1, "invalid_utf8": 1}
+    assert [r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage()] == [
+        f"{tmp_path / 'a.jsonl'} line 1501: not valid UTF-8 (at offset 27); document skipped"]
+
+
+@pytest.mark.parametrize("line", [b'{"text": "a"}{"text": "b"}', b'{"text": "a"} {"text": "b"}',
+                                  b'{"text": "a"}\r{"text": "b"}'])
+def test_two_objects_on_one_jsonl_line_are_an_error_naming_the_line(tmp_path, tok, line):
+    # Arrow's reader would take them as two rows (a lone CR ends a row for it); json.loads refuses the line.
+    texts = random_texts(2000, seed=13, words=(60, 120))
+    lines = [json.dumps({"text": t}).encode() for t in texts]
+    lines[1200] = line
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n\n  \n")  # blank lines: fewer rows than lines
+    with pytest.raises(UserError, match=r"a\.jsonl line 1201: not valid JSON \(Extra data\)"):
+        prepare([str(tmp_path / "a.jsonl")], tmp_path / "src", workers=1, tokenizer=tok)
+
+
+def test_parquet_text_and_bytes_columns_with_nulls_and_bad_bytes(tmp_path, tok, caplog):
+    caplog.set_level(logging.WARNING, logger="rwkv7_data_prep")
+    good = random_texts(5, seed=14)
+    pq.write_table(pa.table({"text": pa.array([good[0].encode(), None, b"caf\xe9", b"", good[1].encode()],
+                                              pa.binary())}), tmp_path / "bytes.parquet")
+    pq.write_table(pa.table({"text": pa.array([good[2], None, good[3], good[2]]).dictionary_encode()}),
+                   tmp_path / "dict.parquet")
+    pq.write_table(pa.table({"text": pa.array([None, good[4], None], pa.large_string())}), tmp_path / "large.parquet")
+    names = ["bytes.parquet", "dict.parquet", "large.parquet"]
+
+    [m] = prepare([str(tmp_path / n) for n in names], tmp_path / "src", workers=1, tokenizer=tok)
+
+    np.testing.assert_array_equal(stream(m), expected_stream(tok, [good[0], good[1], good[2], good[3], good[2],
+                                                                   good[4]]))
+    assert m.skipped == {"empty": 5, "invalid_utf8": 1}
+    assert any(f"{tmp_path / 'bytes.parquet'} row 2: not valid UTF-8 (at offset 3)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_parquet_column_that_is_not_text_is_an_error_naming_the_row(tmp_path, tok):
+    pq.write_table(pa.table({"text": pa.array([None, 7, 8])}), tmp_path / "a.parquet")
+    with pytest.raises(UserError, match=r"a\.parquet row 1: column 'text' holds int, not text; set --text-key"):
+        prepare([str(tmp_path / "a.parquet")], tmp_path / "src", workers=1, tokenizer=tok)
+
+
 def test_manifest_lists_consecutive_shards_with_their_checksums(tmp_path, tok):
     texts = random_texts(60, seed=2)
     [m] = prepare([write_jsonl(tmp_path / "a.jsonl", texts)], tmp_path / "src", shard_tokens=700, workers=1,

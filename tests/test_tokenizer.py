@@ -3,6 +3,7 @@
 import hashlib
 import pickle
 import random
+import re
 import string
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,52 @@ def test_encode_to_numpy_is_uint16_equal_to_encode(tok):
     assert tok.encode_to_numpy(text.encode()).tolist() == tok.encode(text)
 
 
+def packed(docs):
+    """Documents back to back, with their n + 1 byte offsets (the layout encode_documents takes)."""
+    return b"".join(docs), np.cumsum([0] + [len(d) for d in docs], dtype=np.int64)
+
+
+def test_encode_documents_matches_reference_each_followed_by_eod(tok, ref):
+    rng = random.Random(21)
+    docs = [t.encode() for t in SAMPLES.values()] + [b"", rng.randbytes(50), "好".encode()[:2], b"", b"x"]
+    docs += [random_text(rng, rng.randint(0, 400)).encode() for _ in range(100)]
+    tokens, sizes = tok.encode_documents(*packed(docs))
+    assert tokens.dtype == np.uint16 and sizes.dtype == np.int64
+    expected = [ref.encodeBytes(d) + [tok.eod_id] for d in docs]
+    assert sizes.tolist() == [len(e) for e in expected]  # an empty document is its 0 alone
+    assert tokens.tolist() == [t for e in expected for t in e]
+
+
+def test_encode_documents_equals_encode_to_numpy_per_document(tok):
+    # A multi-byte character split across two documents is two documents' bytes, not one character.
+    docs = ["中文字".encode()[:4], "中文字".encode()[4:], SAMPLES["emoji"].encode(), RUNS["5000 spaces"].encode()]
+    tokens, sizes = tok.encode_documents(*packed(docs))
+    pieces = np.split(tokens, np.cumsum(sizes)[:-1])
+    for doc, piece in zip(docs, pieces):
+        np.testing.assert_array_equal(piece[:-1], tok.encode_to_numpy(doc))
+        assert piece[-1] == tok.eod_id
+
+
+def test_encode_documents_reads_only_between_the_offsets(tok):
+    data = b"skipped hello world skipped"
+    tokens, sizes = tok.encode_documents(data, [8, 14, 19])
+    assert tokens.tolist() == tok.encode("hello ") + [0] + tok.encode("world") + [0]
+    assert sizes.tolist() == [len(tok.encode("hello ")) + 1, len(tok.encode("world")) + 1]
+    tokens, sizes = tok.encode_documents(data, [5])  # no documents
+    assert tokens.size == 0 and sizes.size == 0
+
+
+@pytest.mark.parametrize("offsets, message", [
+    ([0, 4, 2], "offsets decrease at document 1"),
+    ([0, 100], r"outside the data's 5 bytes"),
+    ([-1, 2], "outside"),
+    ([], "at least one element"),
+])
+def test_encode_documents_rejects_bad_offsets(tok, offsets, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        tok.encode_documents(b"hello", offsets)
+
+
 def test_encode_rejects_bytes_pointing_to_encode_bytes(tok):
     with pytest.raises(TypeError, match="encode_bytes"):
         tok.encode(b"abc")
@@ -178,6 +225,17 @@ def test_pickled_tokenizer_encodes_the_same(tok):
     text = SAMPLES["mixed"] + SAMPLES["code"]
     assert copy.encode(text) == tok.encode(text)
     assert copy.identity == tok.identity
+
+
+def test_pickle_is_small_and_refuses_a_changed_vocab_file(small_vocab, tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(small_vocab.read_bytes())
+    data = pickle.dumps(WorldTokenizer(path))
+    assert len(data) < 1000  # the path and the file's sha256, not the tokens
+    assert pickle.loads(data).encode(SAMPLES["english"]) == WorldTokenizer(path).encode(SAMPLES["english"])
+    path.write_bytes(small_vocab.read_bytes() + b"99999 'zzzq' 4\n")
+    with pytest.raises(UserError, match=rf"vocab file {re.escape(str(path))} changed while in use"):
+        pickle.loads(data)
 
 
 def test_vocab_size_is_next_multiple_of_64_above_largest_id(tok, ref):
@@ -219,6 +277,8 @@ def test_byte_without_any_token_is_reported_with_its_offset(tmp_path):
     assert tok.encode("abba") == [3, 2, 1]
     with pytest.raises(ValueError, match="offset 2"):
         tok.encode("abc")
+    with pytest.raises(ValueError, match="document 1: byte 0x63 at offset 6"):
+        tok.encode_documents(b"abbaabc", [0, 2, 7])
 
 
 def test_missing_vocab_file_raises_user_error(tmp_path):
