@@ -9,10 +9,11 @@ c_t = sum_{s<=t} w_s (per key channel, relative to the chunk start) and the stat
     Y = R~ S_0^T + M_rb U + M_rk V
     S_L = (S_0 + U^T B^ + V^T K^) diag(e^{c_L})
 
-One program owns one (sequence, head, block of BV value rows): rows of S (value index i) evolve independently,
-so the state block [BV, N] stays in float32 registers while the program walks its chunks in order. The forward
-writes every chunk's entering state (and the final state) in float32; the backward walks the chunks in reverse,
-carrying dS = dLoss/dS_L, and differentiates the formulas above by hand:
+Forward: one program per (sequence, head, block of BV value rows): rows of S (value index i) evolve independently,
+so the state block [BV, N] stays in float32 registers while the program walks its chunks in order; it writes
+every chunk's entering state (and the final state) in float32. Backward, in two launches: a sequential pass walks
+the chunks in reverse carrying only dS = dLoss/dS_L (rows again independent) and stores it at every chunk's exit;
+then one program per chunk, given S_0, S_L and dS, differentiates the formulas above by hand:
 
     dS' = dS diag(e^{c_L});  dU = M_rb^T dY + B^ dS'^T;  dX = (I - M_ab)^{-T} dU
     dV = M_rk^T dY + K^ dS'^T + M_ak^T dX;  dS_0 = dS' + dY^T R~ + dX^T A~
@@ -22,11 +23,11 @@ carrying dS = dLoss/dS_L, and differentiates the formulas above by hand:
     dw_t = sum_{s>=t} (dr r + da a - db b - dk k)_s - (da a)_t + sum_i (S_L dS)_i
 
 (the last term from c_L; the first from r~, b^, k^ depending on c_t and a~ on c_{t-1} = c_t - w_t).
-With several value blocks, the key-side gradients (dr, dw, dk, da, db) are partial sums, added on the host.
+The chunk-parallel pass is where the work is, and it has B*H*T/L independent programs to spread over the GPU.
 
 Decay range: w >= -exp(-0.5) gives e^{-c} <= e^{9.7} over 16 steps, far inside float32. Any T (the last chunk
 is masked: padding steps have w = 0 and zero inputs, which leave the state untouched), any H, packed documents
-through cu_seqlens (one program per document; its chunks start at the document start).
+through cu_seqlens (sequential passes: one program per document; its chunks start at the document start).
 """
 import os
 
@@ -39,12 +40,19 @@ CHUNK = 16
 
 @triton.jit
 def _mm(x, y, P: tl.constexpr):
-    return tl.dot(x, y, input_precision=P)
+    """x @ y in dot mode P: a tl.dot input_precision, or "split": x as the sum of two tf32 numbers (its top 10
+    mantissa bits, then the rest), two tf32 products, for a y that tf32 holds exactly (bf16 inputs): float32-accurate
+    at two thirds of tf32x3's work."""
+    if P == "split":
+        x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        return tl.dot(x - x_hi, y, tl.dot(x_hi, y, input_precision="tf32"), input_precision="tf32")
+    else:
+        return tl.dot(x, y, input_precision=P)
 
 
 @triton.jit
 def _chunk_prep(r_, w_, k_, a_, b_, L: tl.constexpr, PREC: tl.constexpr, INV: tl.constexpr,
-                PREC_INV: tl.constexpr):
+                PREC_INV: tl.constexpr, PREC_RK: tl.constexpr):
     """Decay-scaled chunk inputs, the four [L, L] interaction matrices and (I - M_ab)^{-1}."""
     o_t = tl.arange(0, L)
     strict = o_t[:, None] > o_t[None, :]
@@ -61,7 +69,7 @@ def _chunk_prep(r_, w_, k_, a_, b_, L: tl.constexpr, PREC: tl.constexpr, INV: tl
     kh = k_ * e_nc
     m_ak = tl.where(strict, _mm(at, tl.trans(kh), PREC), 0.0)
     m_rb = tl.where(incl, _mm(rt, tl.trans(bh), PREC), 0.0)
-    m_rk = tl.where(incl, _mm(rt, tl.trans(kh), PREC), 0.0)
+    m_rk = tl.where(incl, _mm(rt, tl.trans(kh), PREC_RK), 0.0)
     if INV == "subst":
         # M_ab^T[s, t] = b^_s . a~_t for s < t: its columns are the rows of M_ab, which the substitution walks.
         a_inv = _inverse_subst(tl.where(o_t[:, None] < o_t[None, :], _mm(bh, tl.trans(at), PREC), 0.0), L)
@@ -121,10 +129,23 @@ def _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L: tl.constexpr, IS_VARLEN: t
 
 
 @triton.jit
+def _load_keys(r, w, k, a, b, p_k, m_t):
+    """The key-side inputs of one chunk as float32 [L, N] tiles (masked steps: zeros, i.e. no decay)."""
+    m = m_t[:, None]
+    return (tl.load(r + p_k, mask=m, other=0.0).to(tl.float32), tl.load(w + p_k, mask=m, other=0.0).to(tl.float32),
+            tl.load(k + p_k, mask=m, other=0.0).to(tl.float32), tl.load(a + p_k, mask=m, other=0.0).to(tl.float32),
+            tl.load(b + p_k, mask=m, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offsets, T, H,
                      N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
-                     HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr):
+                     HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, STORE_Y: tl.constexpr,
+                     IS_VARLEN: tl.constexpr,
+                     PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
+                     PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """Walks the chunks in order carrying S; with STORE_Y false it only writes the states (the outputs then come
+    from the chunk-parallel _wkv7_fwd_out_kernel)."""
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = i_nh // H
@@ -146,23 +167,21 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offs
         row = (tok * H + i_h) * N
         p_k = row[:, None] + o_k[None, :]
         p_v = row[:, None] + o_v[None, :]
-        r_ = tl.load(r + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        w_ = tl.load(w + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        k_ = tl.load(k + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        a_ = tl.load(a + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_ = tl.load(b + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
+        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, p_k, m_t)
         v_ = tl.load(v + p_v, mask=m_t[:, None], other=0.0).to(tl.float32)
 
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-            r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV)
+            r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
 
         if STORE_STATES:
             tl.store(states + ((slot0 + ic) * H + i_h) * N * N + p_state, S)
-        # PREC_S: every product that reads or writes the state; PREC: the chunk-internal ones
+        # PREC_S: the products that read or write the state; PREC: the chunk-internal ones; PREC_RS, PREC_RK and
+        # PREC_RKV: the three that carry the output's largest terms (see CONFIG)
         rhs = _mm(at, tl.trans(S), PREC_S) + _mm(m_ak, v_, PREC)
         u = _mm(a_inv, rhs, PREC)                                                       # [L, BV]
-        y_ = _mm(rt, tl.trans(S), PREC_S) + _mm(m_rb, u, PREC) + _mm(m_rk, v_, PREC)
-        tl.store(y + p_v, y_.to(y.dtype.element_ty), mask=m_t[:, None])
+        if STORE_Y:
+            y_ = _mm(rt, tl.trans(S), PREC_RS) + _mm(m_rb, u, PREC) + _mm(m_rk, v_, PREC_RKV)
+            tl.store(y + p_v, y_.to(y.dtype.element_ty), mask=m_t[:, None])
 
         S = (S * tl.exp(c_last)[None, :] + _mm(tl.trans(u), b_ * e_end, PREC_S)
              + _mm(tl.trans(v_), k_ * e_end, PREC_S))
@@ -173,11 +192,57 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offs
 
 
 @triton.jit
-def _wkv7_bwd_kernel(r, w, k, v, a, b, dy, states, dht, dr, dw, dk, dv, da, db, ds0,
-                     cu_seqlens, chunk_offsets, T, part_stride, H,
-                     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
-                     HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr):
+def _chunk_of_program(chunk_docs, chunk_offsets, cu_seqlens, n_docs, T, H, N: tl.constexpr, L: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
+    """Where a chunk-parallel program works: grid (chunks, H) with cu_seqlens, else (chunks, B*H). Returns the
+    sequence (n_docs for the surplus programs of the cu_seqlens grid, an upper bound: they must exit), the head,
+    the chunk's first state slot, the [L, N] offsets of its tokens' rows and the mask of its real steps."""
+    i_c = tl.program_id(0)
+    if IS_VARLEN:
+        i_h = tl.program_id(1)
+        i_n = tl.load(chunk_docs + i_c).to(tl.int32)
+        i_safe = tl.minimum(i_n, n_docs - 1)          # keeps the surplus programs' reads in bounds
+        ic = i_c - tl.load(chunk_offsets + i_safe).to(tl.int32)
+    else:
+        i_n = tl.program_id(1) // H
+        i_h = tl.program_id(1) % H
+        i_safe = i_n
+        ic = i_c
+    bos, seq_len, n_chunks, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_safe, T, L, IS_VARLEN)
+    o_t = tl.arange(0, L)
+    tok = bos + ic * L + o_t
+    p_k = ((tok * H + i_h) * N)[:, None] + tl.arange(0, N)[None, :]
+    return i_n, (slot0 + ic) * H + i_h, p_k, (ic * L + o_t) < seq_len
+
+
+@triton.jit
+def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, cu_seqlens, chunk_offsets, chunk_docs, n_docs, T, H,
+                         N: tl.constexpr, L: tl.constexpr, IS_VARLEN: tl.constexpr,
+                         PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
+                         PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """The outputs of one chunk from its entering state (written by the state pass): one program per chunk."""
+    i_n, slot, p_k, m_t = _chunk_of_program(chunk_docs, chunk_offsets, cu_seqlens, n_docs, T, H, N, L, IS_VARLEN)
+    if i_n >= n_docs:
+        return
+    o_k = tl.arange(0, N)
+    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, p_k, m_t)
+    v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
+    S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
+    c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
+        r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
+    u = _mm(a_inv, _mm(at, tl.trans(S), PREC_S) + _mm(m_ak, v_, PREC), PREC)
+    y_ = _mm(rt, tl.trans(S), PREC_RS) + _mm(m_rb, u, PREC) + _mm(m_rk, v_, PREC_RKV)
+    tl.store(y + p_k, y_.to(y.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, dht, dstates, ds0, cu_seqlens, chunk_offsets, T, H,
+                           N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+                           HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr,
+                           PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
+                           PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """The backward's sequential part: walks the chunks in reverse carrying only dS = dLoss/dS (rows of dS, like
+    rows of S, are independent: one program per block of BV value rows) and stores dS at every chunk's exit."""
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = i_nh // H
@@ -187,92 +252,113 @@ def _wkv7_bwd_kernel(r, w, k, v, a, b, dy, states, dht, dr, dw, dk, dv, da, db, 
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, N)
     o_v = i_v * BV + tl.arange(0, BV)
-    strict = o_t[:, None] > o_t[None, :]
-    incl = o_t[:, None] >= o_t[None, :]
     p_state = o_v[:, None] * N + o_k[None, :]
-    part = i_v.to(tl.int64) * part_stride                          # this block's slice of the partial sums
     if HAS_DHT:
         dS = tl.load(dht + (i_n.to(tl.int64) * H + i_h) * N * N + p_state).to(tl.float32)
     else:
         dS = tl.zeros([BV, N], dtype=tl.float32)
-    S_next = tl.load(states + ((slot0 + n_chunks) * H + i_h) * N * N + p_state)
 
     for i in range(0, n_chunks):
         ic = n_chunks - 1 - i
+        tl.store(dstates + ((slot0 + ic + 1) * H + i_h) * N * N + p_state, dS)
         tok = bos + ic * L + o_t
         m_t = (ic * L + o_t) < seq_len
         row = (tok * H + i_h) * N
-        p_k = row[:, None] + o_k[None, :]
-        p_v = row[:, None] + o_v[None, :]
-        r_ = tl.load(r + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        w_ = tl.load(w + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        k_ = tl.load(k + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        a_ = tl.load(a + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_ = tl.load(b + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-        v_ = tl.load(v + p_v, mask=m_t[:, None], other=0.0).to(tl.float32)
-        dy_ = tl.load(dy + p_v, mask=m_t[:, None], other=0.0).to(tl.float32)
-        S0 = tl.load(states + ((slot0 + ic) * H + i_h) * N * N + p_state)
-
+        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, row[:, None] + o_k[None, :], m_t)
+        dy_ = tl.load(dy + row[:, None] + o_v[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-            r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV)
-        rhs = _mm(at, tl.trans(S0), PREC_S) + _mm(m_ak, v_, PREC)
-        u = _mm(a_inv, rhs, PREC)                                                       # [L, BV]
-
-        g_end = tl.sum(S_next * dS, axis=0)                       # d/dc_L, this block's share
-        dSp = dS * tl.exp(c_last)[None, :]
-        b_end = b_ * e_end
-        k_end = k_ * e_end
-        du = _mm(tl.trans(m_rb), dy_, PREC) + _mm(b_end, tl.trans(dS), PREC_S)
+            r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)        # the unused ones are compiled away
+        du = _mm(tl.trans(m_rb), dy_, PREC) + _mm(b_ * e_end, tl.trans(dS), PREC_S)
         dx = _mm(tl.trans(a_inv), du, PREC)
-        dv_ = _mm(tl.trans(m_rk), dy_, PREC) + _mm(k_end, tl.trans(dS), PREC_S) + _mm(tl.trans(m_ak), dx, PREC)
-        dm_rb = tl.where(incl, _mm(dy_, tl.trans(u), PREC), 0.0)
-        dm_rk = tl.where(incl, _mm(dy_, tl.trans(v_), PREC), 0.0)
-        dm_ak = tl.where(strict, _mm(dx, tl.trans(v_), PREC), 0.0)
-        dm_ab = tl.where(strict, _mm(dx, tl.trans(u), PREC), 0.0)
-        d_rt = _mm(dy_, S0, PREC_S) + _mm(dm_rb, bh, PREC) + _mm(dm_rk, kh, PREC)
-        d_at = _mm(dx, S0, PREC_S) + _mm(dm_ab, bh, PREC) + _mm(dm_ak, kh, PREC)
-        d_bh = _mm(tl.trans(dm_rb), rt, PREC) + _mm(tl.trans(dm_ab), at, PREC)
-        d_kh = _mm(tl.trans(dm_rk), rt, PREC) + _mm(tl.trans(dm_ak), at, PREC)
-        dr_ = d_rt * e_c
-        da_ = d_at * e_cp
-        db_ = d_bh * e_nc + _mm(u, dS, PREC_S) * e_end
-        dk_ = d_kh * e_nc + _mm(v_, dS, PREC_S) * e_end
-        dS = dSp + _mm(tl.trans(dy_), rt, PREC_S) + _mm(tl.trans(dx), at, PREC_S)
-        S_next = S0
-
-        g = dr_ * r_ + da_ * a_ - db_ * b_ - dk_ * k_
-        dw_ = tl.cumsum(g, axis=0, reverse=True) - da_ * a_ + g_end[None, :]
-        m_2d = m_t[:, None]
-        tl.store(dv + p_v, dv_.to(dv.dtype.element_ty), mask=m_2d)
-        tl.store(dr + part + p_k, dr_.to(dr.dtype.element_ty), mask=m_2d)
-        tl.store(dw + part + p_k, dw_.to(dw.dtype.element_ty), mask=m_2d)
-        tl.store(dk + part + p_k, dk_.to(dk.dtype.element_ty), mask=m_2d)
-        tl.store(da + part + p_k, da_.to(da.dtype.element_ty), mask=m_2d)
-        tl.store(db + part + p_k, db_.to(db.dtype.element_ty), mask=m_2d)
+        dS = dS * tl.exp(c_last)[None, :] + _mm(tl.trans(dy_), rt, PREC_S) + _mm(tl.trans(dx), at, PREC_S)
 
     if STORE_DS0:
         tl.store(ds0 + (i_n.to(tl.int64) * H + i_h) * N * N + p_state, dS)
 
 
-# GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. fwd_bv/bwd_bv: value rows
-# of the state per program (the backward at bwd_bv < N writes float32 partial sums of the key-side gradients);
-# prec/prec_s: fp32 dot mode of the chunk-internal products and of those that read or write the state
-# ("tf32" truncates its operands to 10 mantissa bits; "tf32x3" is float32-accurate at three times the work);
+@triton.jit
+def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv, da, db,
+                           cu_seqlens, chunk_offsets, chunk_docs, n_docs, T, H,
+                           N: tl.constexpr, L: tl.constexpr, IS_VARLEN: tl.constexpr,
+                           PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
+                           PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """The backward's parallel part: one program per (chunk, sequence, head). With the chunk's entering and exiting
+    states (forward) and dS at its exit (state pass), every input gradient of the chunk follows locally."""
+    i_n, slot, p_k, m_t = _chunk_of_program(chunk_docs, chunk_offsets, cu_seqlens, n_docs, T, H, N, L, IS_VARLEN)
+    if i_n >= n_docs:
+        return
+    o_t = tl.arange(0, L)
+    o_k = tl.arange(0, N)
+    strict = o_t[:, None] > o_t[None, :]
+    incl = o_t[:, None] >= o_t[None, :]
+    p_state = o_k[:, None] * N + o_k[None, :]
+    m_2d = m_t[:, None]
+    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, p_k, m_t)
+    v_ = tl.load(v + p_k, mask=m_2d, other=0.0).to(tl.float32)
+    dy_ = tl.load(dy + p_k, mask=m_2d, other=0.0).to(tl.float32)
+    dS = tl.load(dstates + (slot + H) * N * N + p_state)
+    g_end = tl.sum(tl.load(states + (slot + H) * N * N + p_state) * dS, axis=0)         # d/dc_L
+    S0 = tl.load(states + slot * N * N + p_state)
+
+    # Ordered so that each gradient is stored as soon as it is complete: fewer values live at once (registers).
+    c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
+        r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
+    u = _mm(a_inv, _mm(at, tl.trans(S0), PREC_S) + _mm(m_ak, v_, PREC), PREC)              # [L, N]
+    dx = _mm(tl.trans(a_inv), _mm(tl.trans(m_rb), dy_, PREC) + _mm(b_ * e_end, tl.trans(dS), PREC_S), PREC)
+    dv_ = _mm(tl.trans(m_rk), dy_, PREC) + _mm(k_ * e_end, tl.trans(dS), PREC_S) + _mm(tl.trans(m_ak), dx, PREC)
+    tl.store(dv + p_k, dv_.to(dv.dtype.element_ty), mask=m_2d)
+    dm_rb = tl.where(incl, _mm(dy_, tl.trans(u), PREC), 0.0)
+    dm_rk = tl.where(incl, _mm(dy_, tl.trans(v_), PREC), 0.0)
+    dr_ = (_mm(dy_, S0, PREC_S) + _mm(dm_rb, bh, PREC) + _mm(dm_rk, kh, PREC)) * e_c
+    tl.store(dr + p_k, dr_.to(dr.dtype.element_ty), mask=m_2d)
+    dm_ab = tl.where(strict, _mm(dx, tl.trans(u), PREC), 0.0)
+    dm_ak = tl.where(strict, _mm(dx, tl.trans(v_), PREC), 0.0)
+    da_a = (_mm(dx, S0, PREC_S) + _mm(dm_ab, bh, PREC) + _mm(dm_ak, kh, PREC)) * e_cp
+    tl.store(da + p_k, da_a.to(da.dtype.element_ty), mask=m_2d)
+    da_a = da_a * a_
+    g = dr_ * r_ + da_a
+    db_ = (_mm(tl.trans(dm_rb), rt, PREC) + _mm(tl.trans(dm_ab), at, PREC)) * e_nc + _mm(u, dS, PREC_S) * e_end
+    tl.store(db + p_k, db_.to(db.dtype.element_ty), mask=m_2d)
+    g -= db_ * b_
+    dk_ = (_mm(tl.trans(dm_rk), rt, PREC) + _mm(tl.trans(dm_ak), at, PREC)) * e_nc + _mm(v_, dS, PREC_S) * e_end
+    tl.store(dk + p_k, dk_.to(dk.dtype.element_ty), mask=m_2d)
+    g -= dk_ * k_
+    dw_ = tl.cumsum(g, axis=0, reverse=True) - da_a + g_end[None, :]
+    tl.store(dw + p_k, dw_.to(dw.dtype.element_ty), mask=m_2d)
+
+
+# GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. The kernels: the forward
+# (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
+# the outputs from them), the backward's sequential dS pass (dstate_*) and its chunk-parallel gradient pass
+# (grad_*). *_bv: value rows of S (or dS) per program.
+# Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
+# accurate at three times the work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
+# or write the state in the forward (prec_ds: the backward's products with S and dS); prec_inv, inside
+# (I - M_ab)^{-1}; and the three that carry the output's largest terms, the current chunk's r.k (prec_rk: M_rk,
+# also in the backward), its product with v (prec_rkv) and r.S (prec_rs). An emulation of every product's tf32
+# rounding found those three to be nearly all of plain tf32's error with decaying states (1.21x the bf16 floor of
+# y at T=4096), and the forward's state products the rest when the state barely decays (1.43x); with these
+# defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32: docs/benchmarks.md.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and two merges ("block").
-# Defaults: the fastest measured on an H100 (docs/benchmarks.md); plain tf32 anywhere cost 1.19x the bf16 floor.
-CONFIG = dict(fwd_bv=64, fwd_warps=4, fwd_stages=2, bwd_bv=64, bwd_warps=8, bwd_stages=2,
-              prec="tf32x3", prec_s="tf32x3", inv="block", prec_inv="tf32x3")
+CONFIG = dict(fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4, out_stages=2,
+              dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
+              prec="tf32", prec_s="tf32x3", prec_ds="tf32", prec_inv="tf32", prec_rk="tf32x3", prec_rkv="split",
+              prec_rs="tf32x3", inv="block")
+_PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_rs")
 
 
-def _settings(N, backward, device):
-    """Block size, launch options and precisions for one kernel. The interpreter (exact float32 dots, slow per
-    program) runs whole states in IEEE float32."""
+def _settings(N, kernel, device):
+    """Value block size and launch options of one kernel ("fwd", "out", "dstate" or "grad"). The interpreter
+    computes every tl.dot in IEEE float32 whatever its mode ("split" then adds two exact parts)."""
     c = CONFIG
+    bv = min(N, c.get(kernel + "_bv", N))
+    precs = {key.upper(): c[key] for key in _PRECS if key != "prec_ds"}
+    if kernel in ("dstate", "grad"):
+        precs["PREC_S"] = c["prec_ds"]
     if device.type != "cuda" or _interpreting():
-        return N, dict(num_warps=1, PREC="ieee", PREC_S="ieee", INV=c["inv"], PREC_INV="ieee")
-    side = "bwd" if backward else "fwd"
-    return min(N, c[side + "_bv"]), dict(num_warps=c[side + "_warps"], num_stages=c[side + "_stages"],
-                                         PREC=c["prec"], PREC_S=c["prec_s"], INV=c["inv"], PREC_INV=c["prec_inv"])
+        precs = {key: "split" if mode == "split" else "ieee" for key, mode in precs.items()}
+        return bv, dict(num_warps=1, INV=c["inv"], **precs)
+    return bv, dict(num_warps=c[kernel + "_warps"], num_stages=c[kernel + "_stages"], INV=c["inv"], **precs)
 
 
 def _interpreting():
@@ -280,7 +366,12 @@ def _interpreting():
 
 
 class _Layout:
-    """Sequences in the flattened [B*T] token axis: B rows of T, or the documents of cu_seqlens."""
+    """Sequences in the flattened [B*T] token axis: B rows of T, or the documents of cu_seqlens; and their chunks.
+
+    State slots: sequence n owns n_chunks(n) + 1 consecutive slots (each chunk's entering state, then the final
+    one). With cu_seqlens every size is an upper bound computed on the device (no host sync): sum_d ceil(len_d / L)
+    <= T / L + D, and the chunk-parallel grid has that many programs, the surplus ones exiting at once.
+    """
 
     def __init__(self, B, T, cu_seqlens, device):
         self.is_varlen = cu_seqlens is not None
@@ -289,13 +380,22 @@ class _Layout:
             self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int64).contiguous()
             self.n_seq = cu_seqlens.numel() - 1
             n_chunks = torch.div(self.cu_seqlens[1:] - self.cu_seqlens[:-1] + CHUNK - 1, CHUNK, rounding_mode="floor")
-            self.chunk_offsets = torch.cumsum(n_chunks, 0) - n_chunks
-            # sum_d ceil(len_d / L) <= T / L + D; one extra slot per document for its final state (no host sync)
-            self.n_slots = triton.cdiv(T, CHUNK) + 2 * self.n_seq
+            chunk_ends = torch.cumsum(n_chunks, 0)
+            self.chunk_offsets = chunk_ends - n_chunks
+            self.n_chunk_programs = triton.cdiv(T, CHUNK) + self.n_seq
+            # the document of each chunk-parallel program (n_seq past the last chunk)
+            self.chunk_docs = torch.searchsorted(
+                chunk_ends, torch.arange(self.n_chunk_programs, device=device), right=True)
+            self.n_slots = self.n_chunk_programs + self.n_seq
         else:
-            self.cu_seqlens = self.chunk_offsets = None
+            self.cu_seqlens = self.chunk_offsets = self.chunk_docs = None
             self.n_seq = B
-            self.n_slots = B * (triton.cdiv(T, CHUNK) + 1)
+            self.n_chunk_programs = triton.cdiv(T, CHUNK)
+            self.n_slots = B * (self.n_chunk_programs + 1)
+
+    def chunk_grid(self, H):
+        """Grid of the chunk-parallel kernels (see _chunk_of_program)."""
+        return (self.n_chunk_programs, H if self.is_varlen else self.n_seq * H)
 
 
 def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
@@ -305,34 +405,35 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     states = (torch.empty(layout.n_slots, H, N, N, device=r.device, dtype=torch.float32) if store_states
               else None)
     ht = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32)
-    BV, opts = _settings(N, False, r.device)
-    grid = (layout.n_seq * H, N // BV)
-    _wkv7_fwd_kernel[grid](
+    split = store_states and CONFIG["fwd_split"]
+    BV, opts = _settings(N, "fwd", r.device)
+    _wkv7_fwd_kernel[(layout.n_seq * H, N // BV)](
         r, w, k, v, a, b, y, initial_state, states, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
-        N=N, L=CHUNK, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states,
+        N=N, L=CHUNK, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states, STORE_Y=not split,
         IS_VARLEN=layout.is_varlen, **opts)
+    if split:
+        _, opts = _settings(N, "out", r.device)
+        _wkv7_fwd_out_kernel[layout.chunk_grid(H)](
+            r, w, k, v, a, b, y, states, layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq,
+            layout.T, H, N=N, L=CHUNK, IS_VARLEN=layout.is_varlen, **opts)
     return y, ht, states
 
 
 def wkv7_bwd(r, w, k, v, a, b, dy, states, dht, need_ds0, layout):
+    """Gradients in two launches: the sequential dS pass, then all chunks in parallel."""
     B, T, H, N = r.shape
-    BV, opts = _settings(N, True, r.device)
-    NV = N // BV
-    dv = torch.empty_like(v)
-    if NV == 1:
-        parts = [torch.empty_like(x) for x in (r, w, k, a, b)]
-    else:
-        parts = [torch.empty((NV,) + r.shape, device=r.device, dtype=torch.float32) for _ in range(5)]
+    dstates = torch.empty_like(states)
     ds0 = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32) if need_ds0 else None
-    grid = (layout.n_seq * H, NV)
-    _wkv7_bwd_kernel[grid](
-        r, w, k, v, a, b, dy, states, dht, *parts[:3], dv, *parts[3:], ds0,
-        layout.cu_seqlens, layout.chunk_offsets, layout.T, r.numel(), H,
-        N=N, L=CHUNK, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0,
-        IS_VARLEN=layout.is_varlen, **opts)
-    if NV > 1:
-        parts = [p.sum(0).to(x.dtype) for p, x in zip(parts, (r, w, k, a, b))]
-    dr, dw, dk, da, db = parts
+    BV, opts = _settings(N, "dstate", r.device)
+    _wkv7_bwd_state_kernel[(layout.n_seq * H, N // BV)](
+        r, w, k, a, b, dy, dht, dstates, ds0, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
+        N=N, L=CHUNK, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, IS_VARLEN=layout.is_varlen, **opts)
+    dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
+    _, opts = _settings(N, "grad", r.device)
+    _wkv7_bwd_chunk_kernel[layout.chunk_grid(H)](
+        r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv, da, db,
+        layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq, layout.T, H,
+        N=N, L=CHUNK, IS_VARLEN=layout.is_varlen, **opts)
     return dr, dw, dk, dv, da, db, ds0
 
 

@@ -170,18 +170,31 @@ def time_kernel(fn, xs, gy, reps, name=None):
 
 
 def traffic_and_flops(B, T, H, N, L=16):
-    """Fewest bytes our kernels move (inputs read once, outputs written once, the float32 chunk states written
-    by the forward and read by the backward) and the FLOPs of the chunked algorithm as written (one product
-    each, tf32x3 counted once)."""
+    """Fewest bytes our kernels move and the FLOPs of the chunked algorithm as written (one product each, whatever
+    its dot mode). Forward (training): inputs, y, the float32 chunk states. Backward: the dS pass reads the key-side
+    inputs and dy and writes dS per chunk; the gradient pass reads every input, dy, two states and dS per chunk and
+    writes six gradients."""
     tok = B * T * H * N
     inputs = tok * (5 * 2 + 4)                      # r, k, v, a, b bf16; w float32
     states = B * H * (T // L + 1) * N * N * 4
-    fwd_bytes = inputs + tok * 2 + states           # + y; + states
-    bwd_bytes = inputs + tok * 2 + states + tok * (5 * 2 + 4)  # + dy, states; + 6 gradients
+    fwd_bytes = inputs + tok * 2 + states
+    bwd_bytes = (inputs - tok * 2 + tok * 2 + states) + (inputs + tok * 2 + 3 * states + tok * (5 * 2 + 4))
     chunks = B * H * T // L
     fwd_flops = chunks * 2 * (8 * L * L * N + 4 * L * N * N + L ** 3 / 3)
-    bwd_flops = chunks * 2 * (22 * L * L * N + 9 * L * N * N + L ** 3 / 3)   # incl. the recomputed forward
+    bwd_flops = chunks * 2 * (24 * L * L * N + 11 * L * N * N + 2 * L ** 3 / 3)   # incl. recomputed chunk algebra
     return fwd_bytes, bwd_bytes, fwd_flops, bwd_flops
+
+
+def kernel_times(fn, xs, gy):
+    """GPU time per kernel of one forward+backward (torch.profiler, mean of 3)."""
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn(*leaves).backward(gy)
+        torch.cuda.synchronize()
+    rows = [(ev.self_device_time_total / 3 / 1000, ev.key) for ev in prof.key_averages()
+            if ev.self_device_time_total > 0]
+    return sorted(rows, reverse=True)
 
 
 def speed(variants, fla, with_torch=True):
@@ -235,6 +248,10 @@ def speed(variants, fla, with_torch=True):
             f"{bf / bwd * 1e-9:.1f} TFLOP/s ({bf / bwd * 1e-9 / (H100_BF16 * 1e-12):.1%})")
         say(f"  minimum traffic fwd {fb / 1e9:.2f} GB, bwd {bb / 1e9:.2f} GB; FLOPs fwd {ff / 1e9:.0f} G, "
             f"bwd {bf / 1e9:.0f} G")
+        with config(json.loads(best[5:])):
+            say("  GPU time per kernel, one forward+backward:")
+            for ms, name in kernel_times(ours, xs, gy)[:8]:
+                say(f"    {ms:7.2f} ms  {name[:80]}")
     return results
 
 
@@ -284,7 +301,6 @@ def layer(B=8, T=4096):
         top = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
         for ev in top:
             say(f"    {ev.self_device_time_total / 3 / 1000:7.2f} ms  {ev.key[:90]}")
-        del model, block, x, v_first, g
         torch.cuda.empty_cache()
 
 

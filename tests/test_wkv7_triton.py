@@ -24,7 +24,7 @@ CPU_TOL = 2e-5            # relative L2 error, float32 kernels vs the float64 lo
 @pytest.fixture
 def exact_fp32(monkeypatch):
     """IEEE float32 products on the GPU, so float32 inputs can be held to float32 accuracy."""
-    for key in ("prec", "prec_s", "prec_inv"):
+    for key in triton_wkv7._PRECS:
         monkeypatch.setitem(triton_wkv7.CONFIG, key, "ieee")
 
 
@@ -63,8 +63,10 @@ def run_and_grad(fn, xs, s0, gy, gs, **kw):
     return y.detach(), s.detach(), grads
 
 
-def check_against_loop(B, T, H, N, decay="random", with_state=True, seed=0):
+def check_against_loop(B, T, H, N, decay="random", with_state=True, seed=0, bf16_values=False):
     xs = make_inputs(B, T, H, N, decay, seed)
+    if bf16_values:   # r, k, v, a, b as the model passes them: values that bf16 (and so tf32) holds exactly
+        xs = [x if i == 1 else x.to(torch.bfloat16).double() for i, x in enumerate(xs)]
     g = torch.Generator().manual_seed(seed + 1)
     s0 = 0.5 * torch.randn(B, H, N, N, generator=g, dtype=torch.float64).to(DEVICE) if with_state else None
     gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64).to(DEVICE)
@@ -100,17 +102,29 @@ def test_both_triangular_inverses_are_exact(exact_fp32, monkeypatch, inv):
     check_against_loop(B=1, T=40, H=2, N=16, decay="near_1")
 
 
-def test_value_blocks_with_partial_gradient_sums(exact_fp32, monkeypatch):
-    for key in ("fwd_bv", "bwd_bv"):
+def test_state_split_into_blocks_of_value_rows(exact_fp32, monkeypatch):
+    for key in ("fwd_bv", "dstate_bv"):
         monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
     check_against_loop(B=1, T=20, H=2, N=32)
+
+
+def test_split_products_are_float32_accurate_on_bf16_values(exact_fp32, monkeypatch):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "prec_rkv", "split")
+    check_against_loop(B=1, T=40, H=2, N=16, bf16_values=True)
+
+
+def test_forward_split_into_state_pass_and_chunk_parallel_outputs(exact_fp32, monkeypatch):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", True)
+    check_against_loop(B=2, T=37, H=2, N=16)
 
 
 def test_without_initial_state_or_final_state_gradient(exact_fp32):
     check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
 
 
-def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32):
+@pytest.mark.parametrize("fwd_split", [False, True])
+def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
     lens = [5, 1, 0, 23, 16]   # a one-token and an empty document among them
     cu = torch.tensor([0] + lens).cumsum(0).to(DEVICE)
     D, T, H, N = len(lens), sum(lens), 2, 16
