@@ -90,6 +90,11 @@ def is_source_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
+# One encoder for every item: json.dumps(x, ensure_ascii=False) builds a new one per call, which was most of the cost
+# of rewriting a manifest that lists many small input files after every shard.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def write_manifest(manifest: Manifest) -> None:
     """Replace DIR/manifest.json atomically: a reader sees the old or the new manifest, never half of one.
 
@@ -97,10 +102,10 @@ def write_manifest(manifest: Manifest) -> None:
     Python one, slow for a manifest listing tens of thousands of inputs)."""
     def value(v) -> str:
         if isinstance(v, list) and v:
-            return "[\n  " + ",\n  ".join(json.dumps(x, ensure_ascii=False) for x in v) + "\n ]"
-        return json.dumps(v, ensure_ascii=False)
+            return "[\n  " + ",\n  ".join(map(_encode, v)) + "\n ]"
+        return _encode(v)
 
-    text = "{\n" + ",\n".join(f" {json.dumps(k)}: {value(v)}" for k, v in manifest.to_json().items()) + "\n}\n"
+    text = "{\n" + ",\n".join(f" {_encode(k)}: {value(v)}" for k, v in manifest.to_json().items()) + "\n}\n"
     with atomic_write(manifest.path, "w", encoding="utf-8") as f:
         f.write(text)
 
