@@ -1,7 +1,8 @@
 """WKV-7 in Triton: chunked forward and backward with float32 chunk states (the CUDA path of `wkv7`).
 
-The chunk algebra is the one in chunked_torch.py (read its docstring): within a chunk of L = 16 steps, with
-c_t = sum_{s<=t} w_s (per key channel, relative to the chunk start) and the state S_0 entering the chunk,
+The chunk algebra is the one in chunked_torch.py (read its docstring): within a chunk of L steps (CONFIG["chunk"]:
+16, 32 or 64), with c_t = sum_{s<=t} w_s (per key channel, relative to the chunk start) and the state S_0 entering
+the chunk,
 
     A~ = a e^{c_{t-1}},  R~ = r e^{c_t},  B^ = b e^{-c_t},  K^ = k e^{-c_t}                       ([L, N] each)
     M_ab = strict(A~ B^T), M_ak = strict(A~ K^T), M_rb = incl(R~ B^T), M_rk = incl(R~ K^T)       ([L, L])
@@ -25,7 +26,8 @@ then one program per chunk, given S_0, S_L and dS, differentiates the formulas a
 (the last term from c_L; the first from r~, b^, k^ depending on c_t and a~ on c_{t-1} = c_t - w_t).
 The chunk-parallel pass is where the work is, and it has B*H*T/L independent programs to spread over the GPU.
 
-Decay range: w >= -exp(-0.5) gives e^{-c} <= e^{9.7} over 16 steps, far inside float32. Any T (the last chunk
+Decay range: w >= -exp(-0.5) gives e^{-c} <= e^{9.7} over 16 steps (e^{38.8} over 64), inside float32 (and tf32,
+which has its exponent range). Any T (the last chunk
 is masked: padding steps have w = 0 and zero inputs, which leave the state untouched), any H, packed documents
 through cu_seqlens (sequential passes: one program per document; its chunks start at the document start).
 """
@@ -34,9 +36,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-CHUNK = 16
-
 
 @triton.jit
 def _mm(x, y, P: tl.constexpr):
@@ -96,20 +95,22 @@ def _inverse_subst(mt, L: tl.constexpr):
 
 @triton.jit
 def _inverse_blocked(m, L: tl.constexpr, P: tl.constexpr):
-    """(I - M)^{-1} for a strictly lower triangular [16, 16] M: substitution inside the four 4x4 diagonal blocks
-    (all four at once, one matrix product a step), then two merges X <- X + X M_off X, where M_off holds the
-    blocks below the diagonal blocks of X (exact, since (X M_off)^2 = 0). Standard blocked triangular inversion:
-    every intermediate is a block of the inverse itself."""
-    tl.static_assert(L == 16, "the blocked inverse is written for chunks of 16")
+    """(I - M)^{-1} for a strictly lower triangular [L, L] M (L = 16, 32 or 64): substitution inside the 4x4
+    diagonal blocks (all at once, one matrix product a step), then merges doubling the block size, X <- X + X E X,
+    where E holds the entries of M in the same 2s-block but not the same s-block (exact: (X E)^2 = 0). Standard
+    blocked triangular inversion: every intermediate is a block of the inverse itself."""
     o = tl.arange(0, L)
     blk4 = (o[:, None] // 4) == (o[None, :] // 4)
-    blk8 = (o[:, None] // 8) == (o[None, :] // 8)
     m4 = tl.where(blk4, m, 0.0)
     x = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
     for i in tl.static_range(1, 4):
         x = x + tl.where((o % 4 == i)[:, None], _mm(m4, x, P), 0.0)
-    x = x + _mm(_mm(x, tl.where(blk8 & ~blk4, m, 0.0), P), x, P)
-    x = x + _mm(_mm(x, tl.where(~blk8, m, 0.0), P), x, P)
+    tl.static_assert(L == 16 or L == 32 or L == 64, "chunks of 16, 32 or 64 steps")
+    for level in tl.static_range(2, 6):
+        if (1 << level) < L:                                      # block sizes s = 1 << level = 4, ..., L / 2
+            inside = (o[:, None] >> (level + 1)) == (o[None, :] >> (level + 1))
+            same = (o[:, None] >> level) == (o[None, :] >> level)
+            x = x + _mm(_mm(x, tl.where(inside & ~same, m, 0.0), P), x, P)
     return x
 
 
@@ -330,7 +331,7 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
 # GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. The kernels: the forward
 # (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
 # the outputs from them), the backward's sequential dS pass (dstate_*) and its chunk-parallel gradient pass
-# (grad_*). *_bv: value rows of S (or dS) per program.
+# (grad_*). chunk: steps per chunk (16, 32 or 64); *_bv: value rows of S (or dS) per program.
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
 # accurate at three times the work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
 # or write the state in the forward (prec_ds: the backward's products with S and dS); prec_inv, inside
@@ -340,7 +341,7 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
 # y at T=4096), and the forward's state products the rest when the state barely decays (1.43x); with these
 # defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32: docs/benchmarks.md.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and two merges ("block").
-CONFIG = dict(fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4, out_stages=2,
+CONFIG = dict(chunk=16, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4, out_stages=2,
               dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
               prec="tf32", prec_s="tf32x3", prec_ds="tf32", prec_inv="tf32", prec_rk="tf32x3", prec_rkv="split",
               prec_rs="tf32x3", inv="block")
@@ -373,16 +374,16 @@ class _Layout:
     <= T / L + D, and the chunk-parallel grid has that many programs, the surplus ones exiting at once.
     """
 
-    def __init__(self, B, T, cu_seqlens, device):
+    def __init__(self, B, T, cu_seqlens, device, L):
         self.is_varlen = cu_seqlens is not None
-        self.T = T
+        self.T, self.L = T, L
         if self.is_varlen:
             self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int64).contiguous()
             self.n_seq = cu_seqlens.numel() - 1
-            n_chunks = torch.div(self.cu_seqlens[1:] - self.cu_seqlens[:-1] + CHUNK - 1, CHUNK, rounding_mode="floor")
+            n_chunks = torch.div(self.cu_seqlens[1:] - self.cu_seqlens[:-1] + L - 1, L, rounding_mode="floor")
             chunk_ends = torch.cumsum(n_chunks, 0)
             self.chunk_offsets = chunk_ends - n_chunks
-            self.n_chunk_programs = triton.cdiv(T, CHUNK) + self.n_seq
+            self.n_chunk_programs = triton.cdiv(T, L) + self.n_seq
             # the document of each chunk-parallel program (n_seq past the last chunk)
             self.chunk_docs = torch.searchsorted(
                 chunk_ends, torch.arange(self.n_chunk_programs, device=device), right=True)
@@ -390,7 +391,7 @@ class _Layout:
         else:
             self.cu_seqlens = self.chunk_offsets = self.chunk_docs = None
             self.n_seq = B
-            self.n_chunk_programs = triton.cdiv(T, CHUNK)
+            self.n_chunk_programs = triton.cdiv(T, L)
             self.n_slots = B * (self.n_chunk_programs + 1)
 
     def chunk_grid(self, H):
@@ -409,13 +410,13 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     BV, opts = _settings(N, "fwd", r.device)
     _wkv7_fwd_kernel[(layout.n_seq * H, N // BV)](
         r, w, k, v, a, b, y, initial_state, states, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
-        N=N, L=CHUNK, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states, STORE_Y=not split,
+        N=N, L=layout.L, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states, STORE_Y=not split,
         IS_VARLEN=layout.is_varlen, **opts)
     if split:
         _, opts = _settings(N, "out", r.device)
         _wkv7_fwd_out_kernel[layout.chunk_grid(H)](
             r, w, k, v, a, b, y, states, layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq,
-            layout.T, H, N=N, L=CHUNK, IS_VARLEN=layout.is_varlen, **opts)
+            layout.T, H, N=N, L=layout.L, IS_VARLEN=layout.is_varlen, **opts)
     return y, ht, states
 
 
@@ -427,13 +428,13 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, dht, need_ds0, layout):
     BV, opts = _settings(N, "dstate", r.device)
     _wkv7_bwd_state_kernel[(layout.n_seq * H, N // BV)](
         r, w, k, a, b, dy, dht, dstates, ds0, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
-        N=N, L=CHUNK, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, IS_VARLEN=layout.is_varlen, **opts)
+        N=N, L=layout.L, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, IS_VARLEN=layout.is_varlen, **opts)
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
     _, opts = _settings(N, "grad", r.device)
     _wkv7_bwd_chunk_kernel[layout.chunk_grid(H)](
         r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv, da, db,
         layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq, layout.T, H,
-        N=N, L=CHUNK, IS_VARLEN=layout.is_varlen, **opts)
+        N=N, L=layout.L, IS_VARLEN=layout.is_varlen, **opts)
     return dr, dw, dk, dv, da, db, ds0
 
 
@@ -441,7 +442,7 @@ class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, initial_state, cu_seqlens, training):
         B, T, H, N = r.shape
-        layout = _Layout(B, T, cu_seqlens, r.device)
+        layout = _Layout(B, T, cu_seqlens, r.device, CONFIG["chunk"])
         y, ht, states = wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=training)
         ctx.save_for_backward(r, w, k, v, a, b, states)
         ctx.layout = layout

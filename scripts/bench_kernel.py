@@ -201,7 +201,6 @@ def speed(variants, fla, with_torch=True):
     B, T, H, N = 8, 4096, 64, 64
     xs = make_inputs(B, T, H, N, seed=3)
     gy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
-    fb, bb, ff, bf = traffic_and_flops(B, T, H, N)
     say(f"\n## speed: B={B} T={T} H={H} N={N}, bf16 (w float32), {torch.cuda.get_device_name()}")
     say(f"{'kernel':44s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}")
     results = {}
@@ -229,6 +228,8 @@ def speed(variants, fla, with_torch=True):
     ours_rows = {k: v for k, v in results.items() if k.startswith("ours")}
     if ours_rows:
         best = min(ours_rows, key=lambda k: ours_rows[k][1])
+        chunk = json.loads(best[5:]).get("chunk", triton_wkv7.CONFIG["chunk"])
+        fb, bb, ff, bf = traffic_and_flops(B, T, H, N, L=chunk)
         f, fbk = ours_rows[best]
         say(f"\nbest: {best}")
         say(f"  forward {f:.2f} ms; forward+backward {fbk:.2f} ms (backward alone {fbk - f:.2f} ms, its forward "

@@ -102,6 +102,12 @@ def test_both_triangular_inverses_are_exact(exact_fp32, monkeypatch, inv):
     check_against_loop(B=1, T=40, H=2, N=16, decay="near_1")
 
 
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_longer_chunks_are_exact(exact_fp32, monkeypatch, chunk):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", chunk)
+    check_against_loop(B=1, T=chunk + 9, H=2, N=16, decay="near_0.545")   # two chunks, the second partial
+
+
 def test_state_split_into_blocks_of_value_rows(exact_fp32, monkeypatch):
     for key in ("fwd_bv", "dstate_bv"):
         monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
@@ -122,9 +128,10 @@ def test_without_initial_state_or_final_state_gradient(exact_fp32):
     check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
 
 
-@pytest.mark.parametrize("fwd_split", [False, True])
-def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split):
+@pytest.mark.parametrize("fwd_split,chunk", [(False, 16), (True, 16), (True, 32)])
+def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk):
     monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
+    monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", chunk)
     lens = [5, 1, 0, 23, 16]   # a one-token and an empty document among them
     cu = torch.tensor([0] + lens).cumsum(0).to(DEVICE)
     D, T, H, N = len(lens), sum(lens), 2, 16
