@@ -48,9 +48,9 @@ class SourceWriter:
             return cls(fresh, options["shard_tokens"], skipped)
         for key in ("tokenizer", "vocab_size", "name", "inputs", "options"):
             if getattr(old, key) != getattr(fresh, key):
-                raise UserError(f"{old.path} was written with other {key} ({getattr(old, key)!r}, now "
-                                f"{getattr(fresh, key)!r}); pass the same inputs and options to resume it, or "
-                                f"remove {source_dir} to start over")
+                change = _difference(getattr(old, key), getattr(fresh, key))
+                raise UserError(f"{old.path} was written with other {key} ({change}); pass the same inputs and "
+                                f"options to resume it, or remove {source_dir} to start over")
         for i in range(len(old.shards)):
             try:
                 verify_shard(old, i, full=True)
@@ -112,6 +112,16 @@ class SourceWriter:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+
+def _difference(old, new) -> str:
+    """old vs new for an error message; for lists (the inputs: there may be a million) only the first difference."""
+    if not (isinstance(old, list) and isinstance(new, list)):
+        return f"{old!r}, now {new!r}"
+    i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+    was = repr(old[i]) if i < len(old) else "nothing"
+    now = repr(new[i]) if i < len(new) else "nothing"
+    return f"{len(old)} of them, now {len(new)}; the first that differs, number {i + 1}: {was}, now {now}"
 
 
 def _remove_stale_temporaries(source_dir: Path) -> None:

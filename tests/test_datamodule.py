@@ -216,6 +216,17 @@ def test_prepared_directory_and_its_shard_list_give_the_same_stream(tmp_path):
     assert all(np.array_equal(by_dir[k][0], by_list[k][0]) for k in range(len(by_dir)))
 
 
+def test_train_path_may_be_a_list_like_a_mixture_source(tmp_path):
+    docs = random_docs(90, seed=3)
+    source = write_source_dir(tmp_path / "src", [docs[:40], docs[40:]])
+    listed = [f"{source}/{shard_name(i)}" for i in range(2)]
+    by_sources = make_dm(sources=[{"name": "a", "path": listed, "weight": 1}]).train_dataset()
+    dm = make_dm(train_path=listed)
+    by_path = dm.train_dataset()
+    assert dm.specs[0].name == shard_name(0)   # named after its first file
+    assert all(np.array_equal(by_sources[k][0], by_path[k][0]) for k in range(len(by_sources)))
+
+
 def test_truncated_shard_fails_at_open_naming_it(tmp_path):
     docs = random_docs(60, seed=1)
     source = write_source_dir(tmp_path / "src", [docs[:30], docs[30:]])

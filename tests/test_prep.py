@@ -225,8 +225,20 @@ def test_rerun_with_other_inputs_or_options_is_refused(tmp_path, tok):
         prepare([path], tmp_path / "src", shard_tokens=900, workers=1, tokenizer=tok)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"text": "one more"}) + "\n")
-    with pytest.raises(UserError, match=rf"{re.escape(str(manifest))} was written with other inputs"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(manifest))} was written with other inputs \(1 of them, "
+                                        r"now 1; the first that differs, number 1: .*'bytes': \d+"):
         prepare([path], tmp_path / "src", shard_tokens=800, workers=1, tokenizer=tok)
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", random_texts(5, seed=1))
+    old = os.umask(0o022)
+    try:
+        [m] = prepare([path], tmp_path / "src", workers=1, tokenizer=tok)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "src" / "manifest.json").stat().st_mode & 0o777 == 0o644   # readable by the cluster
+    assert Path(f"{m.shard_prefixes()[0]}.bin").stat().st_mode & 0o777 == 0o644
 
 
 def rwkv7_prep(*args, **kw):

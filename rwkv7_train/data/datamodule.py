@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from rwkv7_train.data.batch import Batch, collate
 from rwkv7_train.data.mixture import MixtureSchedule
 from rwkv7_train.data.sampler import global_sample, magic_prime, n_windows, window_start
-from rwkv7_train.data.sources import SourceSpec, TokenStream, open_source, parse_sources, single_source
+from rwkv7_train.data.sources import PathSpec, SourceSpec, TokenStream, open_source, parse_sources, single_source
 from rwkv7_train.errors import UserError
 
 SAMPLING_MODES = ("magic_prime", "packed")
@@ -109,7 +109,8 @@ class RankSampler(DistributedSampler):
 class RWKVDataModule(L.LightningDataModule):
     """Training and validation batches (batch.Batch) from one binidx file or a weighted mixture of sources.
 
-    train_path / val_path: one source, binidx prefixes without .bin/.idx (val_path None: no validation);
+    train_path / val_path: one source, a prepared directory or binidx prefix (without .bin/.idx) or a list of
+    them (val_path None: no validation);
     sources: instead, a mixture: a list of {name, path, weight, val_path (optional)}, path being a prepared
     directory, a binidx prefix or a list of them (see sources.py and configs/data/mixture.yaml);
     sampling: "magic_prime" (RWKV-LM's windows) or "packed" (the same windows, with cu_seqlens at document ends);
@@ -123,7 +124,7 @@ class RWKVDataModule(L.LightningDataModule):
     in the order of val_dataloader()'s loaders (Lightning's dataloader_idx).
     """
 
-    def __init__(self, *, train_path: str | None = None, val_path: str | None = None,
+    def __init__(self, *, train_path: PathSpec | None = None, val_path: PathSpec | None = None,
                  sources: Sequence[Mapping] | None = None, sampling: str = "magic_prime", ctx_len: int,
                  micro_bsz: int, vocab_size: int, epoch_steps: int, val_windows: int = 64, num_workers: int = 0,
                  seed: int = 0, mixture_block: int = 1000, verify_checksums: bool = False):

@@ -36,10 +36,12 @@ class SourceSpec:
     val_key: str
 
 
-def single_source(train_path: str | os.PathLike, val_path: str | os.PathLike | None) -> SourceSpec:
-    """The classic config (data.train_path / data.val_path) as a one-source mixture named after the train file."""
-    name = Path(os.fspath(train_path)).name or "train"
-    return SourceSpec(name, train_path, 1.0, val_path, "data.train_path", "data.val_path")
+def single_source(train_path: PathSpec, val_path: PathSpec | None) -> SourceSpec:
+    """The classic config (data.train_path / data.val_path) as a one-source mixture named after the (first) train
+    file."""
+    first = train_path if isinstance(train_path, (str, os.PathLike)) or not train_path else train_path[0]
+    name = Path(os.fspath(first)).name if isinstance(first, (str, os.PathLike)) else ""
+    return SourceSpec(name or "train", train_path, 1.0, val_path, "data.train_path", "data.val_path")
 
 
 def parse_sources(sources: Sequence[Mapping]) -> list[SourceSpec]:
