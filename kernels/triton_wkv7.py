@@ -340,7 +340,7 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
 # rounding found those three to be nearly all of plain tf32's error with decaying states (1.21x the bf16 floor of
 # y at T=4096), and the forward's state products the rest when the state barely decays (1.43x); with these
 # defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32: docs/benchmarks.md.
-# inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and two merges ("block").
+# inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
 CONFIG = dict(chunk=16, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4, out_stages=2,
               dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
               prec="tf32", prec_s="tf32x3", prec_ds="tf32", prec_inv="tf32", prec_rk="tf32x3", prec_rkv="split",
@@ -474,6 +474,8 @@ def wkv7_triton(r, w, k, v, a, b, initial_state=None, cu_seqlens=None):
         raise ValueError(f"wkv7_triton: head size must be a multiple of 16 up to 128, got {N}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"wkv7: cu_seqlens needs batch size 1, got {B}")
+    if CONFIG["chunk"] not in (16, 32, 64):
+        raise ValueError(f"wkv7_triton: CONFIG['chunk'] must be 16, 32 or 64, not {CONFIG['chunk']}")
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
