@@ -337,9 +337,9 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
 # or write the state in the forward (prec_ds: the backward's products with S and dS); prec_inv, inside
 # (I - M_ab)^{-1}; and the three that carry the output's largest terms, the current chunk's r.k (prec_rk: M_rk,
 # also in the backward), its product with v (prec_rkv) and r.S (prec_rs). An emulation of every product's tf32
-# rounding found those three to be nearly all of plain tf32's error with decaying states (1.21x the bf16 floor of
-# y at T=4096), and the forward's state products the rest when the state barely decays (1.43x); with these
-# defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32: docs/benchmarks.md.
+# rounding (scripts/kernel_precision.py) found those three to be nearly all of plain tf32's error with decaying
+# states (1.21x the bf16 floor of y), and the forward's state products the rest when the state barely decays
+# (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
 CONFIG = dict(chunk=16, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4, out_stages=2,
               dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
