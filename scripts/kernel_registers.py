@@ -1,0 +1,76 @@
+"""Registers and spills of the WKV-7 Triton kernels, compiled for an H100 (sm_90) on any machine, no GPU needed.
+
+Compiles each kernel with the launch settings of kernels/triton_wkv7.py's CONFIG (N = 64, bf16 inputs, no
+cu_seqlens) and prints the resource use that `cuobjdump -res-usage` reads from the cubin: registers per thread,
+stack (bytes per thread spilled to local memory) and shared memory. A quick check of a kernel change or of a
+CONFIG variant before spending GPU time on it.
+
+    python scripts/kernel_registers.py                                        # the defaults
+    python scripts/kernel_registers.py '{"chunk": 32, "grad_warps": 8}'        # CONFIG overrides (JSON)
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)   # compile for real
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from rwkv7_kernels import triton_wkv7 as K  # noqa: E402
+
+N = 64
+FP32_ARGS = {"w", "dw", "s0", "states", "ht", "dstates", "ds0", "dht"}
+INT_ARGS = {"T", "H", "n_docs"}
+INDEX_ARGS = {"cu_seqlens", "chunk_offsets", "chunk_docs"}
+
+
+class _Cuda:
+    type = "cuda"
+
+
+def signature(fn, constants):
+    def kind(name):
+        if name in constants:
+            return "constexpr"
+        if name in INT_ARGS:
+            return "i32"
+        if name in INDEX_ARGS:
+            return "*i64"
+        return "*fp32" if name in FP32_ARGS else "*bf16"
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def report(fn, kernel, flags):
+    bv, opts = K._settings(N, kernel, _Cuda())
+    warps, stages = opts.pop("num_warps"), opts.pop("num_stages")
+    constants = dict(N=N, L=K.CONFIG["chunk"], IS_VARLEN=False, **opts, **flags)
+    if "BV" in fn.arg_names:
+        constants["BV"] = bv
+    src = ASTSource(fn, signature(fn, constants),
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", out)
+    print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {m.group(3):>13s}")
+
+
+def main():
+    K.CONFIG.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
+    print(f"sm_90, N={N}, CONFIG {json.dumps(K.CONFIG)}")
+    print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s}")
+    report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_Y=True))
+    report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False))
+    report(K._wkv7_bwd_chunk_kernel, "grad", {})
+
+
+if __name__ == "__main__":
+    main()
