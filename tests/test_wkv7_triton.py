@@ -91,6 +91,10 @@ def test_head_size_64_with_several_heads(exact_fp32):
     check_against_loop(B=1, T=40, H=2, N=64)
 
 
+def test_head_size_128_in_two_value_blocks(exact_fp32):
+    check_against_loop(B=1, T=20, H=1, N=128)   # the forward and dS pass split S into 64-row blocks (CONFIG)
+
+
 @pytest.mark.parametrize("decay", ["near_0.545", "near_1"])
 def test_decays_pinned_at_the_bounds_stay_exact(exact_fp32, decay):
     check_against_loop(B=1, T=64, H=2, N=32, decay=decay)
