@@ -78,6 +78,24 @@ def _chunk_prep(r_, w_, k_, a_, b_, L: tl.constexpr, PREC: tl.constexpr, INV: tl
 
 
 @triton.jit
+def _chunk_u(S, v_, at, m_ak, a_inv, PREC: tl.constexpr, PREC_S: tl.constexpr):
+    """U = (I - M_ab)^{-1} (A~ S_0^T + M_ak V); row t is u_t = S_{t-1} a_t."""
+    return _mm(a_inv, _mm(at, tl.trans(S), PREC_S) + _mm(m_ak, v_, PREC), PREC)
+
+
+@triton.jit
+def _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """Y = R~ S_0^T + M_rb U + M_rk V."""
+    return _mm(rt, tl.trans(S), PREC_RS) + _mm(m_rb, u, PREC) + _mm(m_rk, v_, PREC_RKV)
+
+
+@triton.jit
+def _chunk_dx(dS, dy_, b_end, m_rb, a_inv, PREC: tl.constexpr, PREC_S: tl.constexpr):
+    """dX = (I - M_ab)^{-T} (M_rb^T dY + B^ dS'^T), with B^ dS'^T = (b e^{c_L - c}) dS^T."""
+    return _mm(tl.trans(a_inv), _mm(tl.trans(m_rb), dy_, PREC) + _mm(b_end, tl.trans(dS), PREC_S), PREC)
+
+
+@triton.jit
 def _inverse_subst(mt, L: tl.constexpr):
     """(I - M)^{-1} for a strictly lower triangular M given as its transpose mt, by forward substitution.
 
@@ -178,10 +196,9 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offs
             tl.store(states + ((slot0 + ic) * H + i_h) * N * N + p_state, S)
         # PREC_S: the products that read or write the state; PREC: the chunk-internal ones; PREC_RS, PREC_RK and
         # PREC_RKV: the three that carry the output's largest terms (see CONFIG)
-        rhs = _mm(at, tl.trans(S), PREC_S) + _mm(m_ak, v_, PREC)
-        u = _mm(a_inv, rhs, PREC)                                                       # [L, BV]
+        u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)                                # [L, BV]
         if STORE_Y:
-            y_ = _mm(rt, tl.trans(S), PREC_RS) + _mm(m_rb, u, PREC) + _mm(m_rk, v_, PREC_RKV)
+            y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
             tl.store(y + p_v, y_.to(y.dtype.element_ty), mask=m_t[:, None])
 
         S = (S * tl.exp(c_last)[None, :] + _mm(tl.trans(u), b_ * e_end, PREC_S)
@@ -231,8 +248,8 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, cu_seqlens, chunk_offsets,
     S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
         r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
-    u = _mm(a_inv, _mm(at, tl.trans(S), PREC_S) + _mm(m_ak, v_, PREC), PREC)
-    y_ = _mm(rt, tl.trans(S), PREC_RS) + _mm(m_rb, u, PREC) + _mm(m_rk, v_, PREC_RKV)
+    u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)
+    y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
     tl.store(y + p_k, y_.to(y.dtype.element_ty), mask=m_t[:, None])
 
 
@@ -269,8 +286,7 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, dht, dstates, ds0, cu_seqlens, chu
         dy_ = tl.load(dy + row[:, None] + o_v[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)        # the unused ones are compiled away
-        du = _mm(tl.trans(m_rb), dy_, PREC) + _mm(b_ * e_end, tl.trans(dS), PREC_S)
-        dx = _mm(tl.trans(a_inv), du, PREC)
+        dx = _chunk_dx(dS, dy_, b_ * e_end, m_rb, a_inv, PREC, PREC_S)
         dS = dS * tl.exp(c_last)[None, :] + _mm(tl.trans(dy_), rt, PREC_S) + _mm(tl.trans(dx), at, PREC_S)
 
     if STORE_DS0:
@@ -304,8 +320,8 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
     # Ordered so that each gradient is stored as soon as it is complete: fewer values live at once (registers).
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
         r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
-    u = _mm(a_inv, _mm(at, tl.trans(S0), PREC_S) + _mm(m_ak, v_, PREC), PREC)              # [L, N]
-    dx = _mm(tl.trans(a_inv), _mm(tl.trans(m_rb), dy_, PREC) + _mm(b_ * e_end, tl.trans(dS), PREC_S), PREC)
+    u = _chunk_u(S0, v_, at, m_ak, a_inv, PREC, PREC_S)                                   # [L, N]
+    dx = _chunk_dx(dS, dy_, b_ * e_end, m_rb, a_inv, PREC, PREC_S)
     dv_ = _mm(tl.trans(m_rk), dy_, PREC) + _mm(k_ * e_end, tl.trans(dS), PREC_S) + _mm(tl.trans(m_ak), dx, PREC)
     tl.store(dv + p_k, dv_.to(dv.dtype.element_ty), mask=m_2d)
     dm_rb = tl.where(incl, _mm(dy_, tl.trans(u), PREC), 0.0)
