@@ -5,7 +5,9 @@ product's operands truncated to tf32 (10 mantissa bits, as the GPU's tensor core
 float32, against the float64 step-by-step loop. Prints y's relative L2 error over the bf16 floor (the error of the
 float64 result itself rounded to bf16) for: every product in float32; every product in tf32; each product alone in
 tf32; the kernels' defaults (CONFIG: tf32 except M_rk, r.S and the forward's state products in tf32x3 and M_rk v
-in "split"); and those with the forward's state products in tf32 (prec_s="tf32"). Runs on the CPU in seconds.
+in "split"); those with the forward's state products in tf32 (prec_s="tf32"); and those with every tf32x3 product
+in Triton's bf16x3 instead (three bf16 products, which the tensor cores run at twice tf32's rate). Runs on the CPU
+in seconds.
 
     python scripts/kernel_precision.py                                  # random decays, no initial state
     python scripts/kernel_precision.py --T 208 --H 4 --decay near_1 --initial-state   # a state that barely decays
@@ -44,11 +46,15 @@ def product(x, y, mode):
     if mode == "x3":      # tf32x3: hi*hi + hi*lo + lo*hi
         xl, yl = tf32(x - xh), tf32(y - yh)
         return (xh.to(d) @ yh.to(d) + xh.to(d) @ yl.to(d) + xl.to(d) @ yh.to(d)).float()
+    if mode == "bf16x3":  # Triton's bf16x3: bf16 (round to nearest) hi and lo parts, hi*hi + hi*lo + lo*hi
+        xh, yh = x.bfloat16().float(), y.bfloat16().float()
+        xl, yl = (x - xh).bfloat16().float(), (y - yh).bfloat16().float()
+        return (xh.to(d) @ yh.to(d) + xh.to(d) @ yl.to(d) + xl.to(d) @ yh.to(d)).float()
     raise ValueError(mode)
 
 
 def forward(r, w, k, v, a, b, s0, modes):
-    """y of the chunked forward with each product in modes[name] ("fp32", "tf32", "split", "x3")."""
+    """y of the chunked forward with each product in modes[name] ("fp32", "tf32", "split", "x3", "bf16x3")."""
     B, T, H, N = r.shape
     S = s0.float().clone()
     o = torch.arange(L)
@@ -125,6 +131,9 @@ def main():
     row("the kernels' defaults", {**dict.fromkeys(PRODUCTS, "tf32"), **DEFAULTS})
     row("defaults, forward state products tf32", {**dict.fromkeys(PRODUCTS, "tf32"), **DEFAULTS,
                                                    "A~S": "tf32", "u B": "tf32", "v K": "tf32"})
+    row("defaults, their tf32x3 products bf16x3", {**dict.fromkeys(PRODUCTS, "tf32"), **DEFAULTS,
+                                                    **{name: "bf16x3" for name, mode in DEFAULTS.items()
+                                                       if mode == "x3"}})
 
 
 if __name__ == "__main__":
