@@ -50,9 +50,17 @@ def _mm(x, y, P: tl.constexpr):
 
 
 @triton.jit
-def _chunk_prep(r_, w_, k_, a_, b_, L: tl.constexpr, PREC: tl.constexpr, INV: tl.constexpr,
-                PREC_INV: tl.constexpr, PREC_RK: tl.constexpr):
-    """Decay-scaled chunk inputs, the four [L, L] interaction matrices and (I - M_ab)^{-1}."""
+def _mats_at(mats, slot, L: tl.constexpr):
+    """Where chunk-state slot `slot` (times H, plus the head) keeps its [4, L, L] matrices in `mats`."""
+    o_t = tl.arange(0, L)
+    return mats + slot * 4 * L * L + o_t[:, None] * L + o_t[None, :]
+
+
+@triton.jit
+def _chunk_prep(r_, w_, k_, a_, b_, mats, slot, L: tl.constexpr, PREC: tl.constexpr, INV: tl.constexpr,
+                PREC_INV: tl.constexpr, PREC_RK: tl.constexpr, KEPT: tl.constexpr):
+    """Decay-scaled chunk inputs, the four [L, L] interaction matrices and (I - M_ab)^{-1}; with KEPT the
+    matrices are read from `mats` at `slot`, where the forward wrote them (CONFIG keep_mats), not computed."""
     o_t = tl.arange(0, L)
     strict = o_t[:, None] > o_t[None, :]
     incl = o_t[:, None] >= o_t[None, :]
@@ -66,14 +74,18 @@ def _chunk_prep(r_, w_, k_, a_, b_, L: tl.constexpr, PREC: tl.constexpr, INV: tl
     rt = r_ * e_c
     bh = b_ * e_nc
     kh = k_ * e_nc
-    m_ak = tl.where(strict, _mm(at, tl.trans(kh), PREC), 0.0)
-    m_rb = tl.where(incl, _mm(rt, tl.trans(bh), PREC), 0.0)
-    m_rk = tl.where(incl, _mm(rt, tl.trans(kh), PREC_RK), 0.0)
-    if INV == "subst":
-        # M_ab^T[s, t] = b^_s . a~_t for s < t: its columns are the rows of M_ab, which the substitution walks.
-        a_inv = _inverse_subst(tl.where(o_t[:, None] < o_t[None, :], _mm(bh, tl.trans(at), PREC), 0.0), L)
+    if KEPT:
+        p = _mats_at(mats, slot, L)
+        a_inv, m_ak, m_rb, m_rk = tl.load(p), tl.load(p + L * L), tl.load(p + 2 * L * L), tl.load(p + 3 * L * L)
     else:
-        a_inv = _inverse_blocked(tl.where(strict, _mm(at, tl.trans(bh), PREC), 0.0), L, PREC_INV)
+        m_ak = tl.where(strict, _mm(at, tl.trans(kh), PREC), 0.0)
+        m_rb = tl.where(incl, _mm(rt, tl.trans(bh), PREC), 0.0)
+        m_rk = tl.where(incl, _mm(rt, tl.trans(kh), PREC_RK), 0.0)
+        if INV == "subst":
+            # M_ab^T[s, t] = b^_s . a~_t for s < t: its columns are the rows of M_ab, which the substitution walks.
+            a_inv = _inverse_subst(tl.where(o_t[:, None] < o_t[None, :], _mm(bh, tl.trans(at), PREC), 0.0), L)
+        else:
+            a_inv = _inverse_blocked(tl.where(strict, _mm(at, tl.trans(bh), PREC), 0.0), L, PREC_INV)
     return c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk
 
 
@@ -157,9 +169,10 @@ def _load_keys(r, w, k, a, b, p_k, m_t):
 
 
 @triton.jit
-def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offsets, T, H,
+def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chunk_offsets, T, H,
                      N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
-                     HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, STORE_Y: tl.constexpr,
+                     HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, STORE_MATS: tl.constexpr,
+                     STORE_Y: tl.constexpr,
                      IS_VARLEN: tl.constexpr,
                      PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
                      PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
@@ -189,11 +202,19 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, ht, cu_seqlens, chunk_offs
         r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, p_k, m_t)
         v_ = tl.load(v + p_v, mask=m_t[:, None], other=0.0).to(tl.float32)
 
+        slot = (slot0 + ic) * H + i_h
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-            r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
+            r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, False)
 
         if STORE_STATES:
-            tl.store(states + ((slot0 + ic) * H + i_h) * N * N + p_state, S)
+            tl.store(states + slot * N * N + p_state, S)
+        if STORE_MATS:
+            if i_v == 0:
+                p = _mats_at(mats, slot, L)
+                tl.store(p, a_inv)
+                tl.store(p + L * L, m_ak)
+                tl.store(p + 2 * L * L, m_rb)
+                tl.store(p + 3 * L * L, m_rk)
         # PREC_S: the products that read or write the state; PREC: the chunk-internal ones; PREC_RS, PREC_RK and
         # PREC_RKV: the three that carry the output's largest terms (see CONFIG)
         u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)                                # [L, BV]
@@ -247,16 +268,17 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, cu_seqlens, chunk_offsets,
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
     S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-        r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
+        r_, w_, k_, a_, b_, None, slot, L, PREC, INV, PREC_INV, PREC_RK, False)
     u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)
     y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
     tl.store(y + p_k, y_.to(y.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
-def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, dht, dstates, ds0, cu_seqlens, chunk_offsets, T, H,
+def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlens, chunk_offsets, T, H,
                            N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
-                           HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr,
+                           HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, KEPT: tl.constexpr,
+                           IS_VARLEN: tl.constexpr,
                            PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
                            PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
     """The backward's sequential part: walks the chunks in reverse carrying only dS = dLoss/dS (rows of dS, like
@@ -285,7 +307,8 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, dht, dstates, ds0, cu_seqlens, chu
         r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, row[:, None] + o_k[None, :], m_t)
         dy_ = tl.load(dy + row[:, None] + o_v[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-            r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)        # the unused ones are compiled away
+            r_, w_, k_, a_, b_, mats, (slot0 + ic) * H + i_h, L, PREC, INV, PREC_INV, PREC_RK,
+            KEPT)                                                       # the unused ones are compiled away
         dx = _chunk_dx(dS, dy_, b_ * e_end, m_rb, a_inv, PREC, PREC_S)
         dS = dS * tl.exp(c_last)[None, :] + _mm(tl.trans(dy_), rt, PREC_S) + _mm(tl.trans(dx), at, PREC_S)
 
@@ -294,9 +317,9 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, dht, dstates, ds0, cu_seqlens, chu
 
 
 @triton.jit
-def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv, da, db,
+def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db,
                            cu_seqlens, chunk_offsets, chunk_docs, n_docs, T, H,
-                           N: tl.constexpr, L: tl.constexpr, IS_VARLEN: tl.constexpr,
+                           N: tl.constexpr, L: tl.constexpr, KEPT: tl.constexpr, IS_VARLEN: tl.constexpr,
                            PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
                            PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
     """The backward's parallel part: one program per (chunk, sequence, head). With the chunk's entering and exiting
@@ -319,7 +342,7 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
 
     # Ordered so that each gradient is stored as soon as it is complete: fewer values live at once (registers).
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-        r_, w_, k_, a_, b_, L, PREC, INV, PREC_INV, PREC_RK)
+        r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
     u = _chunk_u(S0, v_, at, m_ak, a_inv, PREC, PREC_S)                                   # [L, N]
     dx = _chunk_dx(dS, dy_, b_ * e_end, m_rb, a_inv, PREC, PREC_S)
     dv_ = _mm(tl.trans(m_rk), dy_, PREC) + _mm(k_ * e_end, tl.trans(dS), PREC_S) + _mm(tl.trans(m_ak), dx, PREC)
@@ -347,7 +370,9 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
 # GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. The kernels: the forward
 # (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
 # the outputs from them), the backward's sequential dS pass (dstate_*) and its chunk-parallel gradient pass
-# (grad_*). chunk: steps per chunk (16, 32 or 64); *_bv: value rows of S (or dS) per program.
+# (grad_*). chunk: steps per chunk (16, 32 or 64); *_bv: value rows of S (or dS) per program. keep_mats: the forward
+# writes each chunk's [L, L] matrices ((I - M_ab)^{-1}, M_ak, M_rb, M_rk; 4 L^2 floats, a quarter of a state at
+# L = 16) and both backward passes read them instead of recomputing them.
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
 # accurate at three times the work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
 # or write the state in the forward (prec_ds: the backward's products with S and dS); prec_inv, inside
@@ -357,7 +382,8 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv
 # states (1.21x the bf16 floor of y), and the forward's state products the rest when the state barely decays
 # (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
-CONFIG = dict(chunk=16, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4, out_stages=2,
+CONFIG = dict(chunk=16, keep_mats=False, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4,
+              out_stages=2,
               dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
               prec="tf32", prec_s="tf32x3", prec_ds="tf32", prec_inv="tf32", prec_rk="tf32x3", prec_rkv="split",
               prec_rs="tf32x3", inv="block")
@@ -416,41 +442,47 @@ class _Layout:
 
 
 def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
-    """y, final states and (with store_states, for the backward) every chunk's entering state."""
+    """y, final states and (with store_states, for the backward) every chunk's entering state and, with CONFIG
+    keep_mats, its matrices (else None)."""
     B, T, H, N = r.shape
+    L = layout.L
     y = torch.empty_like(r)
     states = (torch.empty(layout.n_slots, H, N, N, device=r.device, dtype=torch.float32) if store_states
               else None)
+    mats = (torch.empty(layout.n_slots, H, 4, L, L, device=r.device, dtype=torch.float32)
+            if store_states and CONFIG["keep_mats"] else None)
     ht = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32)
     split = store_states and CONFIG["fwd_split"]
     BV, opts = _settings(N, "fwd", r.device)
     _wkv7_fwd_kernel[(layout.n_seq * H, N // BV)](
-        r, w, k, v, a, b, y, initial_state, states, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
-        N=N, L=layout.L, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states, STORE_Y=not split,
-        IS_VARLEN=layout.is_varlen, **opts)
+        r, w, k, v, a, b, y, initial_state, states, mats, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
+        N=N, L=L, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states,
+        STORE_MATS=mats is not None, STORE_Y=not split, IS_VARLEN=layout.is_varlen, **opts)
     if split:
         _, opts = _settings(N, "out", r.device)
         _wkv7_fwd_out_kernel[layout.chunk_grid(H)](
             r, w, k, v, a, b, y, states, layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq,
-            layout.T, H, N=N, L=layout.L, IS_VARLEN=layout.is_varlen, **opts)
-    return y, ht, states
+            layout.T, H, N=N, L=L, IS_VARLEN=layout.is_varlen, **opts)
+    return y, ht, states, mats
 
 
-def wkv7_bwd(r, w, k, v, a, b, dy, states, dht, need_ds0, layout):
-    """Gradients in two launches: the sequential dS pass, then all chunks in parallel."""
+def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
+    """Gradients in two launches: the sequential dS pass, then all chunks in parallel (both read the chunks'
+    matrices from mats when the forward kept them)."""
     B, T, H, N = r.shape
     dstates = torch.empty_like(states)
     ds0 = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32) if need_ds0 else None
     BV, opts = _settings(N, "dstate", r.device)
     _wkv7_bwd_state_kernel[(layout.n_seq * H, N // BV)](
-        r, w, k, a, b, dy, dht, dstates, ds0, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
-        N=N, L=layout.L, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, IS_VARLEN=layout.is_varlen, **opts)
+        r, w, k, a, b, dy, mats, dht, dstates, ds0, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
+        N=N, L=layout.L, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, KEPT=mats is not None,
+        IS_VARLEN=layout.is_varlen, **opts)
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
     _, opts = _settings(N, "grad", r.device)
     _wkv7_bwd_chunk_kernel[layout.chunk_grid(H)](
-        r, w, k, v, a, b, dy, states, dstates, dr, dw, dk, dv, da, db,
+        r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db,
         layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq, layout.T, H,
-        N=N, L=layout.L, IS_VARLEN=layout.is_varlen, **opts)
+        N=N, L=layout.L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen, **opts)
     return dr, dw, dk, dv, da, db, ds0
 
 
@@ -459,8 +491,8 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, initial_state, cu_seqlens, training):
         B, T, H, N = r.shape
         layout = _Layout(B, T, cu_seqlens, r.device, CONFIG["chunk"])
-        y, ht, states = wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=training)
-        ctx.save_for_backward(r, w, k, v, a, b, states)
+        y, ht, states, mats = wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=training)
+        ctx.save_for_backward(r, w, k, v, a, b, states, mats)
         ctx.layout = layout
         ctx.has_s0 = initial_state is not None
         ctx.s0_dtype = initial_state.dtype if initial_state is not None else None
@@ -469,11 +501,11 @@ class _WKV7(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dht):
-        r, w, k, v, a, b, states = ctx.saved_tensors
+        r, w, k, v, a, b, states, mats = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(r)
         dr, dw, dk, dv, da, db, ds0 = wkv7_bwd(
-            r, w, k, v, a, b, dy.contiguous(), states, None if dht is None else dht.contiguous(),
+            r, w, k, v, a, b, dy.contiguous(), states, mats, None if dht is None else dht.contiguous(),
             ctx.has_s0 and ctx.needs_input_grad[6], ctx.layout)
         if ds0 is not None:
             ds0 = ds0.to(ctx.s0_dtype)

@@ -1,9 +1,13 @@
-"""Registers and spills of the WKV-7 Triton kernels, compiled for an H100 (sm_90) on any machine, no GPU needed.
+"""Registers, spills and instruction counts of the WKV-7 Triton kernels, compiled for an H100 (sm_90) on any
+machine, no GPU needed.
 
 Compiles each kernel with the launch settings of kernels/triton_wkv7.py's CONFIG (N = 64, bf16 inputs, no
-cu_seqlens) and prints the resource use that `cuobjdump -res-usage` reads from the cubin: registers per thread,
-stack (bytes per thread spilled to local memory) and shared memory. A quick check of a kernel change or of a
-CONFIG variant before spending GPU time on it.
+cu_seqlens) and prints the resource use that `cuobjdump -res-usage` reads from the cubin (registers per thread,
+stack: bytes per thread spilled to local memory, shared memory) and counts in its machine code (`cuobjdump -sass`;
+static counts, each loop body once): all instructions, tensor-core ones (HMMA, and Hopper's HGMMA), barriers
+(BAR), and spill stores and loads (STL, LDL). A quick check of a kernel change or of a CONFIG variant before
+spending GPU time on it; the kernels do the same work per chunk step however many steps run, so fewer instructions
+and barriers in a loop body are a fair first sign of a faster kernel, not a timing.
 
     python scripts/kernel_registers.py                                        # the defaults
     python scripts/kernel_registers.py '{"chunk": 32, "grad_warps": 8}'        # CONFIG overrides (JSON)
@@ -24,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from rwkv7_kernels import triton_wkv7 as K  # noqa: E402
 
 N = 64
-FP32_ARGS = {"w", "dw", "s0", "states", "ht", "dstates", "ds0", "dht"}
+FP32_ARGS = {"w", "dw", "s0", "states", "mats", "ht", "dstates", "ds0", "dht"}
 INT_ARGS = {"T", "H", "n_docs"}
 INDEX_ARGS = {"cu_seqlens", "chunk_offsets", "chunk_docs"}
 
@@ -58,18 +62,25 @@ def report(fn, kernel, flags):
         f.write(compiled.asm["cubin"])
         f.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", out)
-    print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {m.group(3):>13s}")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", usage)
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+([A-Z0-9_.]+)", sass)
+    count = {name: sum(op.split(".")[0] in prefixes for op in ops)
+             for name, prefixes in dict(tc=("HMMA", "HGMMA"), bar=("BAR",), stl=("STL",), ldl=("LDL",)).items()}
+    print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {m.group(3):>13s} {len(ops):>12d} "
+          f"{count['tc']:>11d} {count['bar']:>8d} {count['stl']:>9d}/{count['ldl']}")
 
 
 def main():
     K.CONFIG.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
     print(f"sm_90, N={N}, CONFIG {json.dumps(K.CONFIG)}")
-    print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s}")
-    report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_Y=True))
-    report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False))
-    report(K._wkv7_bwd_chunk_kernel, "grad", {})
+    print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s} "
+          f"{'instructions':>12s} {'tensor core':>11s} {'barriers':>8s} {'spill st/ld':>13s}")
+    kept = K.CONFIG["keep_mats"]
+    report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept, STORE_Y=True))
+    report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
+    report(K._wkv7_bwd_chunk_kernel, "grad", dict(KEPT=kept))
 
 
 if __name__ == "__main__":

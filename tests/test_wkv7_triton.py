@@ -112,7 +112,9 @@ def test_longer_chunks_are_exact(exact_fp32, monkeypatch, chunk):
     check_against_loop(B=1, T=chunk + 9, H=2, N=16, decay="near_0.545")   # two chunks, the second partial
 
 
-def test_state_split_into_blocks_of_value_rows(exact_fp32, monkeypatch):
+@pytest.mark.parametrize("keep_mats", [False, True])
+def test_state_split_into_blocks_of_value_rows(exact_fp32, monkeypatch, keep_mats):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", keep_mats)   # kept: written once, by the first block
     for key in ("fwd_bv", "dstate_bv"):
         monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
     check_against_loop(B=1, T=20, H=2, N=32)
@@ -128,14 +130,23 @@ def test_forward_split_into_state_pass_and_chunk_parallel_outputs(exact_fp32, mo
     check_against_loop(B=2, T=37, H=2, N=16)
 
 
+@pytest.mark.parametrize("fwd_split", [False, True])
+def test_backward_reads_the_chunk_matrices_the_forward_kept(exact_fp32, monkeypatch, fwd_split):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", True)
+    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
+    check_against_loop(B=2, T=37, H=2, N=16)
+
+
 def test_without_initial_state_or_final_state_gradient(exact_fp32):
     check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
 
 
-@pytest.mark.parametrize("fwd_split,chunk", [(False, 16), (True, 16), (True, 32)])
-def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk):
+@pytest.mark.parametrize("fwd_split,chunk,keep_mats", [(False, 16, False), (True, 16, False), (True, 32, False),
+                                                       (False, 16, True)])
+def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk, keep_mats):
     monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
     monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", chunk)
+    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", keep_mats)
     lens = [5, 1, 0, 23, 16]   # a one-token and an empty document among them
     cu = torch.tensor([0] + lens).cumsum(0).to(DEVICE)
     D, T, H, N = len(lens), sum(lens), 2, 16
