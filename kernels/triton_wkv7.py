@@ -382,9 +382,8 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
 # states (1.21x the bf16 floor of y), and the forward's state products the rest when the state barely decays
 # (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
-CONFIG = dict(chunk=16, keep_mats=False, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False, out_warps=4,
-              out_stages=2,
-              dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
+CONFIG = dict(chunk=16, keep_mats=False, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False,
+              out_warps=4, out_stages=2, dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
               prec="tf32", prec_s="tf32x3", prec_ds="tf32", prec_inv="tf32", prec_rk="tf32x3", prec_rkv="split",
               prec_rs="tf32x3", inv="block")
 _PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_rs")
