@@ -255,11 +255,12 @@ def _chunk_of_program(chunk_docs, chunk_offsets, cu_seqlens, n_docs, T, H, N: tl
 
 
 @triton.jit
-def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, cu_seqlens, chunk_offsets, chunk_docs, n_docs, T, H,
-                         N: tl.constexpr, L: tl.constexpr, IS_VARLEN: tl.constexpr,
+def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_offsets, chunk_docs, n_docs, T, H,
+                         N: tl.constexpr, L: tl.constexpr, KEPT: tl.constexpr, IS_VARLEN: tl.constexpr,
                          PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
                          PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
-    """The outputs of one chunk from its entering state (written by the state pass): one program per chunk."""
+    """The outputs of one chunk from its entering state (written by the state pass, with its matrices when they
+    are kept): one program per chunk."""
     i_n, slot, p_k, m_t = _chunk_of_program(chunk_docs, chunk_offsets, cu_seqlens, n_docs, T, H, N, L, IS_VARLEN)
     if i_n >= n_docs:
         return
@@ -268,7 +269,7 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, cu_seqlens, chunk_offsets,
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
     S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-        r_, w_, k_, a_, b_, None, slot, L, PREC, INV, PREC_INV, PREC_RK, False)
+        r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
     u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)
     y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
     tl.store(y + p_k, y_.to(y.dtype.element_ty), mask=m_t[:, None])
@@ -372,7 +373,7 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
 # the outputs from them), the backward's sequential dS pass (dstate_*) and its chunk-parallel gradient pass
 # (grad_*). chunk: steps per chunk (16, 32 or 64); *_bv: value rows of S (or dS) per program. keep_mats: the forward
 # writes each chunk's [L, L] matrices ((I - M_ab)^{-1}, M_ak, M_rb, M_rk; 4 L^2 floats, a quarter of a state at
-# L = 16) and both backward passes read them instead of recomputing them.
+# L = 16) and the later kernels (both backward passes; fwd_split's outputs) read them instead of recomputing them.
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
 # accurate at three times the work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
 # or write the state in the forward (prec_ds: the backward's products with S and dS); prec_inv, inside
@@ -460,8 +461,8 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     if split:
         _, opts = _settings(N, "out", r.device)
         _wkv7_fwd_out_kernel[layout.chunk_grid(H)](
-            r, w, k, v, a, b, y, states, layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq,
-            layout.T, H, N=N, L=L, IS_VARLEN=layout.is_varlen, **opts)
+            r, w, k, v, a, b, y, states, mats, layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs,
+            layout.n_seq, layout.T, H, N=N, L=L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen, **opts)
     return y, ht, states, mats
 
 

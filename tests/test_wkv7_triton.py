@@ -137,6 +137,23 @@ def test_backward_reads_the_chunk_matrices_the_forward_kept(exact_fp32, monkeypa
     check_against_loop(B=2, T=37, H=2, N=16)
 
 
+def test_backward_depends_on_the_kept_matrices_and_not_only_on_the_inputs(exact_fp32, monkeypatch):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", True)
+    r, w, k, v, a, b = (x.float() for x in make_inputs(1, 37, 2, 16, seed=9))
+    layout = triton_wkv7._Layout(1, 37, None, r.device, triton_wkv7.CONFIG["chunk"])
+    y, ht, states, mats = triton_wkv7.wkv7_fwd(r, w, k, v, a, b, None, layout)
+    assert mats is not None and mats.shape == (layout.n_slots, 2, 4, 16, 16)
+    dy = torch.randn_like(y)
+
+    def grads(m):
+        return triton_wkv7.wkv7_bwd(r, w, k, v, a, b, dy, states, m, None, False, layout)[:6]
+
+    recomputed, kept, altered = grads(None), grads(mats), grads(mats * 1.01)
+    for x, y_, z in zip(recomputed, kept, altered):
+        assert rel_err(y_, x) < CPU_TOL         # the kept matrices are the ones the backward would compute
+    assert max(rel_err(z, x) for x, z in zip(recomputed, altered)) > 1e-3   # and the backward reads them
+
+
 def test_without_initial_state_or_final_state_gradient(exact_fp32):
     check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
 
