@@ -373,9 +373,11 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
 # the outputs from them), the backward's sequential dS pass (dstate_*) and its chunk-parallel gradient pass
 # (grad_*). chunk: steps per chunk (16, 32 or 64); *_bv: value rows of S (or dS) per program. keep_mats: the forward
 # writes each chunk's [L, L] matrices ((I - M_ab)^{-1}, M_ak, M_rb, M_rk; 4 L^2 floats, a quarter of a state at
-# L = 16) and the later kernels (both backward passes; fwd_split's outputs) read them instead of recomputing them.
+# L = 16) and the later kernels (both backward passes; fwd_split's outputs) read them instead of recomputing them
+# (forward+backward 15.3 against 16.2 ms on an H200 with the dot modes below; docs/benchmarks.md).
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
-# accurate at three times the work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
+# accurate at three times the work; "bf16x3", as accurate here, hi and lo bf16 parts and three bf16 products, at
+# half tf32x3's tensor-core work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
 # or write the state in the forward (prec_ds: the backward's products with S and dS); prec_inv, inside
 # (I - M_ab)^{-1}; and the three that carry the output's largest terms, the current chunk's r.k (prec_rk: M_rk,
 # also in the backward), its product with v (prec_rkv) and r.S (prec_rs). An emulation of every product's tf32
@@ -383,16 +385,18 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
 # states (1.21x the bf16 floor of y), and the forward's state products the rest when the state barely decays
 # (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
-CONFIG = dict(chunk=16, keep_mats=False, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False,
+CONFIG = dict(chunk=16, keep_mats=True, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False,
               out_warps=4, out_stages=2, dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
-              prec="tf32", prec_s="tf32x3", prec_ds="tf32", prec_inv="tf32", prec_rk="tf32x3", prec_rkv="split",
-              prec_rs="tf32x3", inv="block")
+              prec="tf32", prec_s="bf16x3", prec_ds="tf32", prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split",
+              prec_rs="bf16x3", inv="block")
 _PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_rs")
 
 
-def _settings(N, kernel, device):
-    """Value block size and launch options of one kernel ("fwd", "out", "dstate" or "grad"). The interpreter
-    computes every tl.dot in IEEE float32 whatever its mode ("split" then adds two exact parts)."""
+def _settings(N, kernel, device, dtype):
+    """Value block size and launch options of one kernel ("fwd", "out", "dstate" or "grad") for inputs of `dtype`.
+    The dot modes above are chosen against the bf16 floor of bf16 inputs; float32 inputs, whose users expect
+    float32 results, get "tf32x3" everywhere. The interpreter computes every tl.dot in IEEE float32 whatever its
+    mode ("split" then adds two exact parts)."""
     c = CONFIG
     bv = min(N, c.get(kernel + "_bv", N))
     precs = {key.upper(): c[key] for key in _PRECS if key != "prec_ds"}
@@ -401,6 +405,8 @@ def _settings(N, kernel, device):
     if device.type != "cuda" or _interpreting():
         precs = {key: "split" if mode == "split" else "ieee" for key, mode in precs.items()}
         return bv, dict(num_warps=1, INV=c["inv"], **precs)
+    if dtype == torch.float32:
+        precs = dict.fromkeys(precs, "tf32x3")
     return bv, dict(num_warps=c[kernel + "_warps"], num_stages=c[kernel + "_stages"], INV=c["inv"], **precs)
 
 
@@ -453,13 +459,13 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
             if store_states and CONFIG["keep_mats"] else None)
     ht = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32)
     split = store_states and CONFIG["fwd_split"]
-    BV, opts = _settings(N, "fwd", r.device)
+    BV, opts = _settings(N, "fwd", r.device, r.dtype)
     _wkv7_fwd_kernel[(layout.n_seq * H, N // BV)](
         r, w, k, v, a, b, y, initial_state, states, mats, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
         N=N, L=L, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states,
         STORE_MATS=mats is not None, STORE_Y=not split, IS_VARLEN=layout.is_varlen, **opts)
     if split:
-        _, opts = _settings(N, "out", r.device)
+        _, opts = _settings(N, "out", r.device, r.dtype)
         _wkv7_fwd_out_kernel[layout.chunk_grid(H)](
             r, w, k, v, a, b, y, states, mats, layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs,
             layout.n_seq, layout.T, H, N=N, L=L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen, **opts)
@@ -472,13 +478,13 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
     B, T, H, N = r.shape
     dstates = torch.empty_like(states)
     ds0 = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32) if need_ds0 else None
-    BV, opts = _settings(N, "dstate", r.device)
+    BV, opts = _settings(N, "dstate", r.device, r.dtype)
     _wkv7_bwd_state_kernel[(layout.n_seq * H, N // BV)](
         r, w, k, a, b, dy, mats, dht, dstates, ds0, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
         N=N, L=layout.L, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, KEPT=mats is not None,
         IS_VARLEN=layout.is_varlen, **opts)
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-    _, opts = _settings(N, "grad", r.device)
+    _, opts = _settings(N, "grad", r.device, r.dtype)
     _wkv7_bwd_chunk_kernel[layout.chunk_grid(H)](
         r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db,
         layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq, layout.T, H,

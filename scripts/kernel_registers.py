@@ -21,6 +21,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)   # compile for real
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -50,7 +51,7 @@ def signature(fn, constants):
 
 
 def report(fn, kernel, flags):
-    bv, opts = K._settings(N, kernel, _Cuda())
+    bv, opts = K._settings(N, kernel, _Cuda(), torch.bfloat16)
     warps, stages = opts.pop("num_warps"), opts.pop("num_stages")
     constants = dict(N=N, L=K.CONFIG["chunk"], IS_VARLEN=False, **opts, **flags)
     if "BV" in fn.arg_names:
