@@ -191,6 +191,8 @@ def kernel_times(fn, xs, gy):
     leaves = [x.detach().clone().requires_grad_() for x in xs]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
+            for x in leaves:
+                x.grad = None        # else .grad accumulation adds kernels that are not the op's
             fn(*leaves).backward(gy)
         torch.cuda.synchronize()
     rows = [(ev.self_device_time_total / 3 / 1000, ev.key) for ev in prof.key_averages()
