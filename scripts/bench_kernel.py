@@ -277,6 +277,8 @@ def layer(B=8, T=4096):
         g = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
 
         def step():
+            x.grad = v_first.grad = None
+            block.zero_grad(set_to_none=True)     # as a training step does: no accumulation kernels
             out = block(x, v_first)[0]
             out.backward(g)
 
