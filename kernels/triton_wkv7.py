@@ -36,6 +36,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 @triton.jit
 def _mm(x, y, P: tl.constexpr):
@@ -160,12 +161,31 @@ def _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L: tl.constexpr, IS_VARLEN: t
 
 
 @triton.jit
-def _load_keys(r, w, k, a, b, p_k, m_t):
+def _tile(x, TMA: tl.constexpr, i_n, t0, i_h, col, p, m_t, L: tl.constexpr, W: tl.constexpr):
+    """One chunk's [L, W] tile of a [B, T, H, N] input (steps t0.. of sequence i_n, head i_h, columns col..) as
+    float32, the steps past the sequence zero: with TMA x is a tensor descriptor whose bounds do the masking (no
+    cu_seqlens), else a pointer, p the tile's offsets and m_t its real steps."""
+    if TMA:
+        return tl.reshape(x.load([i_n, t0, i_h, col]), [L, W]).to(tl.float32)
+    else:
+        return tl.load(x + p, mask=m_t[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(x, val, TMA: tl.constexpr, i_n, t0, i_h, col, p, m_t, L: tl.constexpr, W: tl.constexpr):
+    """Stores an [L, W] tile where _tile reads one (only the real steps)."""
+    if TMA:
+        x.store([i_n, t0, i_h, col], tl.reshape(val.to(x.dtype), [1, L, 1, W]))
+    else:
+        tl.store(x + p, val.to(x.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _load_keys(r, w, k, a, b, TMA: tl.constexpr, i_n, t0, i_h, p_k, m_t, L: tl.constexpr, N: tl.constexpr):
     """The key-side inputs of one chunk as float32 [L, N] tiles (masked steps: zeros, i.e. no decay)."""
-    m = m_t[:, None]
-    return (tl.load(r + p_k, mask=m, other=0.0).to(tl.float32), tl.load(w + p_k, mask=m, other=0.0).to(tl.float32),
-            tl.load(k + p_k, mask=m, other=0.0).to(tl.float32), tl.load(a + p_k, mask=m, other=0.0).to(tl.float32),
-            tl.load(b + p_k, mask=m, other=0.0).to(tl.float32))
+    return (_tile(r, TMA, i_n, t0, i_h, 0, p_k, m_t, L, N), _tile(w, TMA, i_n, t0, i_h, 0, p_k, m_t, L, N),
+            _tile(k, TMA, i_n, t0, i_h, 0, p_k, m_t, L, N), _tile(a, TMA, i_n, t0, i_h, 0, p_k, m_t, L, N),
+            _tile(b, TMA, i_n, t0, i_h, 0, p_k, m_t, L, N))
 
 
 @triton.jit
@@ -173,11 +193,12 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
                      N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                      HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, STORE_MATS: tl.constexpr,
                      STORE_Y: tl.constexpr,
-                     IS_VARLEN: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, TMA: tl.constexpr,
                      PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
                      PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
     """Walks the chunks in order carrying S; with STORE_Y false it only writes the states (the outputs then come
-    from the chunk-parallel _wkv7_fwd_out_kernel)."""
+    from the chunk-parallel _wkv7_fwd_out_kernel). With TMA, r, w, k, v, a, b, y and states are tensor
+    descriptors (see wkv7_fwd)."""
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = i_nh // H
@@ -199,15 +220,18 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
         row = (tok * H + i_h) * N
         p_k = row[:, None] + o_k[None, :]
         p_v = row[:, None] + o_v[None, :]
-        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, p_k, m_t)
-        v_ = tl.load(v + p_v, mask=m_t[:, None], other=0.0).to(tl.float32)
+        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, TMA, i_n, ic * L, i_h, p_k, m_t, L, N)
+        v_ = _tile(v, TMA, i_n, ic * L, i_h, i_v * BV, p_v, m_t, L, BV)
 
         slot = (slot0 + ic) * H + i_h
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, False)
 
         if STORE_STATES:
-            tl.store(states + slot * N * N + p_state, S)
+            if TMA:
+                states.store([(slot0 + ic).to(tl.int32), i_h, i_v * BV, 0], tl.reshape(S, [1, 1, BV, N]))
+            else:
+                tl.store(states + slot * N * N + p_state, S)
         if STORE_MATS:
             if i_v == 0:
                 p = _mats_at(mats, slot, L)
@@ -220,13 +244,16 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
         u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)                                # [L, BV]
         if STORE_Y:
             y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
-            tl.store(y + p_v, y_.to(y.dtype.element_ty), mask=m_t[:, None])
+            _store_tile(y, y_, TMA, i_n, ic * L, i_h, i_v * BV, p_v, m_t, L, BV)
 
         S = (S * tl.exp(c_last)[None, :] + _mm(tl.trans(u), b_ * e_end, PREC_S)
              + _mm(tl.trans(v_), k_ * e_end, PREC_S))
 
     if STORE_STATES:
-        tl.store(states + ((slot0 + n_chunks) * H + i_h) * N * N + p_state, S)
+        if TMA:
+            states.store([(slot0 + n_chunks).to(tl.int32), i_h, i_v * BV, 0], tl.reshape(S, [1, 1, BV, N]))
+        else:
+            tl.store(states + ((slot0 + n_chunks) * H + i_h) * N * N + p_state, S)
     tl.store(ht + (i_n.to(tl.int64) * H + i_h) * N * N + p_state, S)
 
 
@@ -265,7 +292,7 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_of
     if i_n >= n_docs:
         return
     o_k = tl.arange(0, N)
-    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, p_k, m_t)
+    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, i_n, 0, 0, p_k, m_t, L, N)
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
     S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
@@ -279,11 +306,12 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_of
 def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlens, chunk_offsets, T, H,
                            N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                            HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, KEPT: tl.constexpr,
-                           IS_VARLEN: tl.constexpr,
+                           IS_VARLEN: tl.constexpr, TMA: tl.constexpr,
                            PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
                            PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
     """The backward's sequential part: walks the chunks in reverse carrying only dS = dLoss/dS (rows of dS, like
-    rows of S, are independent: one program per block of BV value rows) and stores dS at every chunk's exit."""
+    rows of S, are independent: one program per block of BV value rows) and stores dS at every chunk's exit.
+    With TMA, r, w, k, a, b, dy and dstates are tensor descriptors (see wkv7_bwd)."""
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = i_nh // H
@@ -301,12 +329,15 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
 
     for i in range(0, n_chunks):
         ic = n_chunks - 1 - i
-        tl.store(dstates + ((slot0 + ic + 1) * H + i_h) * N * N + p_state, dS)
+        if TMA:
+            dstates.store([(slot0 + ic + 1).to(tl.int32), i_h, i_v * BV, 0], tl.reshape(dS, [1, 1, BV, N]))
+        else:
+            tl.store(dstates + ((slot0 + ic + 1) * H + i_h) * N * N + p_state, dS)
         tok = bos + ic * L + o_t
         m_t = (ic * L + o_t) < seq_len
         row = (tok * H + i_h) * N
-        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, row[:, None] + o_k[None, :], m_t)
-        dy_ = tl.load(dy + row[:, None] + o_v[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, TMA, i_n, ic * L, i_h, row[:, None] + o_k[None, :], m_t, L, N)
+        dy_ = _tile(dy, TMA, i_n, ic * L, i_h, i_v * BV, row[:, None] + o_v[None, :], m_t, L, BV)
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, mats, (slot0 + ic) * H + i_h, L, PREC, INV, PREC_INV, PREC_RK,
             KEPT)                                                       # the unused ones are compiled away
@@ -334,7 +365,7 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
     incl = o_t[:, None] >= o_t[None, :]
     p_state = o_k[:, None] * N + o_k[None, :]
     m_2d = m_t[:, None]
-    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, p_k, m_t)
+    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, i_n, 0, 0, p_k, m_t, L, N)
     v_ = tl.load(v + p_k, mask=m_2d, other=0.0).to(tl.float32)
     dy_ = tl.load(dy + p_k, mask=m_2d, other=0.0).to(tl.float32)
     dS = tl.load(dstates + (slot + H) * N * N + p_state)
@@ -374,7 +405,9 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
 # (grad_*). chunk: steps per chunk (16, 32 or 64); *_bv: value rows of S (or dS) per program. keep_mats: the forward
 # writes each chunk's [L, L] matrices ((I - M_ab)^{-1}, M_ak, M_rb, M_rk; 4 L^2 floats, a quarter of a state at
 # L = 16) and the later kernels (both backward passes; fwd_split's outputs) read them instead of recomputing them
-# (forward+backward 15.3 against 16.2 ms on an H200 with the dot modes below; docs/benchmarks.md).
+# (forward+backward 15.3 against 16.2 ms on an H200 with the dot modes below; docs/benchmarks.md). tma: the forward
+# and the dS pass read and write their tiles and states through tensor descriptors (bulk copies, no per-element
+# addresses; without cu_seqlens only), which also lets the compiler fetch a chunk's tiles during the previous one.
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
 # accurate at three times the work; "bf16x3", as accurate here, hi and lo bf16 parts and three bf16 products, at
 # half tf32x3's tensor-core work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
@@ -385,7 +418,7 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
 # states (1.21x the bf16 floor of y), and the forward's state products the rest when the state barely decays
 # (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
-CONFIG = dict(chunk=16, keep_mats=True, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False,
+CONFIG = dict(chunk=16, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False,
               out_warps=4, out_stages=2, dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
               prec="tf32", prec_s="bf16x3", prec_ds="tf32", prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split",
               prec_rs="bf16x3", inv="block")
@@ -447,6 +480,26 @@ class _Layout:
         return (self.n_chunk_programs, H if self.is_varlen else self.n_seq * H)
 
 
+def _tma(layout):
+    """Whether the sequential kernels move their tiles through tensor descriptors (Hopper's tensor memory
+    accelerator; CONFIG tma): only without cu_seqlens, where a chunk's rows past its sequence are past the end
+    of the tensor's T axis, which a descriptor's bounds mask. (With documents packed in one row they are the next
+    document's.)"""
+    return CONFIG["tma"] and not layout.is_varlen
+
+
+def _tiles(tma, L, xs, W):
+    """[B, T, H, N] tensors as the sequential kernels take them: descriptors of [1, L, 1, W] blocks with TMA."""
+    return [TensorDescriptor.from_tensor(x, [1, L, 1, W]) if tma else x for x in xs]
+
+
+def _states(tma, states, BV):
+    """A [slots, H, N, N] state buffer (or None) as the sequential kernels take it: blocks of BV rows with TMA."""
+    if tma and states is not None:
+        return TensorDescriptor.from_tensor(states, [1, 1, BV, states.shape[-1]])
+    return states
+
+
 def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     """y, final states and (with store_states, for the backward) every chunk's entering state and, with CONFIG
     keep_mats, its matrices (else None)."""
@@ -460,10 +513,14 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     ht = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32)
     split = store_states and CONFIG["fwd_split"]
     BV, opts = _settings(N, "fwd", r.device, r.dtype)
+    tma = _tma(layout)
+    tr, tw, tk, ta, tb = _tiles(tma, L, (r, w, k, a, b), N)
+    tv, ty = _tiles(tma, L, (v, y), BV)
     _wkv7_fwd_kernel[(layout.n_seq * H, N // BV)](
-        r, w, k, v, a, b, y, initial_state, states, mats, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
-        N=N, L=L, BV=BV, HAS_S0=initial_state is not None, STORE_STATES=store_states,
-        STORE_MATS=mats is not None, STORE_Y=not split, IS_VARLEN=layout.is_varlen, **opts)
+        tr, tw, tk, tv, ta, tb, ty, initial_state, _states(tma, states, BV), mats, ht, layout.cu_seqlens,
+        layout.chunk_offsets, layout.T, H, N=N, L=L, BV=BV, HAS_S0=initial_state is not None,
+        STORE_STATES=store_states, STORE_MATS=mats is not None, STORE_Y=not split, IS_VARLEN=layout.is_varlen,
+        TMA=tma, **opts)
     if split:
         _, opts = _settings(N, "out", r.device, r.dtype)
         _wkv7_fwd_out_kernel[layout.chunk_grid(H)](
@@ -479,10 +536,13 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
     dstates = torch.empty_like(states)
     ds0 = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32) if need_ds0 else None
     BV, opts = _settings(N, "dstate", r.device, r.dtype)
+    tma = _tma(layout)
+    tr, tw, tk, ta, tb = _tiles(tma, layout.L, (r, w, k, a, b), N)
+    tdy, = _tiles(tma, layout.L, (dy,), BV)
     _wkv7_bwd_state_kernel[(layout.n_seq * H, N // BV)](
-        r, w, k, a, b, dy, mats, dht, dstates, ds0, layout.cu_seqlens, layout.chunk_offsets, layout.T, H,
-        N=N, L=layout.L, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, KEPT=mats is not None,
-        IS_VARLEN=layout.is_varlen, **opts)
+        tr, tw, tk, ta, tb, tdy, mats, dht, _states(tma, dstates, BV), ds0, layout.cu_seqlens, layout.chunk_offsets,
+        layout.T, H, N=N, L=layout.L, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, KEPT=mats is not None,
+        IS_VARLEN=layout.is_varlen, TMA=tma, **opts)
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
     _, opts = _settings(N, "grad", r.device, r.dtype)
     _wkv7_bwd_chunk_kernel[layout.chunk_grid(H)](

@@ -3,9 +3,10 @@ machine, no GPU needed.
 
 Compiles each kernel with the launch settings of kernels/triton_wkv7.py's CONFIG (N = 64, bf16 inputs, no
 cu_seqlens) and prints the resource use that `cuobjdump -res-usage` reads from the cubin (registers per thread,
-stack: bytes per thread spilled to local memory, shared memory) and counts in its machine code (`cuobjdump -sass`;
-static counts, each loop body once): all instructions, tensor-core ones (HMMA, and Hopper's HGMMA), barriers
-(BAR), and spill stores and loads (STL, LDL). A quick check of a kernel change or of a CONFIG variant before
+stack: bytes per thread spilled to local memory), the shared memory a launch asks for (Triton's figure: the
+launch fails above the GPU's 232,448 bytes), and counts in its machine code (`cuobjdump -sass`; static counts,
+each loop body once): all instructions (predicated ones included), tensor-core ones (HMMA, and Hopper's HGMMA),
+barriers (BAR), and spill stores and loads (STL, LDL). A quick check of a kernel change or of a CONFIG variant before
 spending GPU time on it; the kernels do the same work per chunk step however many steps run, so fewer instructions
 and barriers in a loop body are a fair first sign of a faster kernel, not a timing.
 
@@ -38,10 +39,23 @@ class _Cuda:
     type = "cuda"
 
 
-def signature(fn, constants):
+def descriptors(tma, L, bv):
+    """The arguments that are tensor descriptors when the kernels run with CONFIG tma (see triton_wkv7._tiles)."""
+    if not tma:
+        return {}
+    keys, rows = f"[1, {L}, 1, {N}]", f"[1, {L}, 1, {bv}]"
+    return dict(r=f"tensordesc<bf16{keys}>", k=f"tensordesc<bf16{keys}>", a=f"tensordesc<bf16{keys}>",
+                b=f"tensordesc<bf16{keys}>", w=f"tensordesc<fp32{keys}>", v=f"tensordesc<bf16{rows}>",
+                y=f"tensordesc<bf16{rows}>", dy=f"tensordesc<bf16{rows}>",
+                states=f"tensordesc<fp32[1, 1, {bv}, {N}]>", dstates=f"tensordesc<fp32[1, 1, {bv}, {N}]>")
+
+
+def signature(fn, constants, descs):
     def kind(name):
         if name in constants:
             return "constexpr"
+        if name in descs:
+            return descs[name]
         if name in INT_ARGS:
             return "i32"
         if name in INDEX_ARGS:
@@ -56,7 +70,8 @@ def report(fn, kernel, flags):
     constants = dict(N=N, L=K.CONFIG["chunk"], IS_VARLEN=False, **opts, **flags)
     if "BV" in fn.arg_names:
         constants["BV"] = bv
-    src = ASTSource(fn, signature(fn, constants),
+    descs = descriptors(flags.get("TMA", False), K.CONFIG["chunk"], bv)
+    src = ASTSource(fn, signature(fn, constants, descs),
                     constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -65,11 +80,11 @@ def report(fn, kernel, flags):
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", usage)
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+([A-Z0-9_.]+)", sass)
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9_.]+)", sass)
     count = {name: sum(op.split(".")[0] in prefixes for op in ops)
              for name, prefixes in dict(tc=("HMMA", "HGMMA"), bar=("BAR",), stl=("STL",), ldl=("LDL",)).items()}
-    print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {m.group(3):>13s} {len(ops):>12d} "
+    print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {compiled.metadata.shared:>13d} {len(ops):>12d} "
           f"{count['tc']:>11d} {count['bar']:>8d} {count['stl']:>9d}/{count['ldl']}")
 
 
@@ -78,9 +93,9 @@ def main():
     print(f"sm_90, N={N}, CONFIG {json.dumps(K.CONFIG)}")
     print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s} "
           f"{'instructions':>12s} {'tensor core':>11s} {'barriers':>8s} {'spill st/ld':>13s}")
-    kept = K.CONFIG["keep_mats"]
-    report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept, STORE_Y=True))
-    report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
+    kept, tma = K.CONFIG["keep_mats"], K.CONFIG["tma"]
+    report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept, STORE_Y=True, TMA=tma))
+    report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept, TMA=tma))
     report(K._wkv7_bwd_chunk_kernel, "grad", dict(KEPT=kept))
 
 

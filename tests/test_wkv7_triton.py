@@ -120,6 +120,18 @@ def test_state_split_into_blocks_of_value_rows(exact_fp32, monkeypatch, keep_mat
     check_against_loop(B=1, T=20, H=2, N=32)
 
 
+def test_tiles_through_tensor_descriptors(exact_fp32, monkeypatch):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", True)
+    check_against_loop(B=2, T=37, H=2, N=16)      # a partial last chunk: the descriptor's bounds zero its rows
+
+
+def test_tiles_through_tensor_descriptors_in_blocks_of_value_rows(exact_fp32, monkeypatch):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", True)
+    for key in ("fwd_bv", "dstate_bv"):
+        monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
+    check_against_loop(B=1, T=20, H=2, N=32)
+
+
 def test_split_products_are_float32_accurate_on_bf16_values(exact_fp32, monkeypatch):
     monkeypatch.setitem(triton_wkv7.CONFIG, "prec_rkv", "split")
     check_against_loop(B=1, T=40, H=2, N=16, bf16_values=True)
@@ -158,9 +170,10 @@ def test_without_initial_state_or_final_state_gradient(exact_fp32):
     check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
 
 
-@pytest.mark.parametrize("fwd_split,chunk,keep_mats", [(False, 16, False), (True, 16, False), (True, 32, False),
-                                                       (False, 16, True)])
-def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk, keep_mats):
+@pytest.mark.parametrize("fwd_split,chunk,keep_mats,tma", [(False, 16, False, False), (True, 16, False, False),
+                                                           (True, 32, False, False), (False, 16, True, True)])
+def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk, keep_mats, tma):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)          # packed documents keep pointers (see _tma)
     monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
     monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", chunk)
     monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", keep_mats)
