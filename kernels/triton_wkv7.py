@@ -36,7 +36,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 @triton.jit
 def _mm(x, y, P: tl.constexpr):
@@ -488,15 +487,20 @@ def _tma(layout):
     return CONFIG["tma"] and not layout.is_varlen
 
 
+def _descriptor(x, block):
+    from triton.tools.tensor_descriptor import TensorDescriptor   # here: only CONFIG tma needs it (Triton >= 3.4)
+    return TensorDescriptor.from_tensor(x, block)
+
+
 def _tiles(tma, L, xs, W):
     """[B, T, H, N] tensors as the sequential kernels take them: descriptors of [1, L, 1, W] blocks with TMA."""
-    return [TensorDescriptor.from_tensor(x, [1, L, 1, W]) if tma else x for x in xs]
+    return [_descriptor(x, [1, L, 1, W]) if tma else x for x in xs]
 
 
 def _states(tma, states, BV):
     """A [slots, H, N, N] state buffer (or None) as the sequential kernels take it: blocks of BV rows with TMA."""
     if tma and states is not None:
-        return TensorDescriptor.from_tensor(states, [1, 1, BV, states.shape[-1]])
+        return _descriptor(states, [1, 1, BV, states.shape[-1]])
     return states
 
 
