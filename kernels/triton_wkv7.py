@@ -488,7 +488,7 @@ def _tma(layout):
 
 
 def _descriptor(x, block):
-    from triton.tools.tensor_descriptor import TensorDescriptor   # here: only CONFIG tma needs it (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor   # here: only CONFIG tma needs it
     return TensorDescriptor.from_tensor(x, block)
 
 
