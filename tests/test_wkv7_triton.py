@@ -137,7 +137,9 @@ def test_split_products_are_float32_accurate_on_bf16_values(exact_fp32, monkeypa
     check_against_loop(B=1, T=40, H=2, N=16, bf16_values=True)
 
 
-def test_forward_split_into_state_pass_and_chunk_parallel_outputs(exact_fp32, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True])
+def test_forward_split_into_state_pass_and_chunk_parallel_outputs(exact_fp32, monkeypatch, tma):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)          # the state pass through descriptors, outputs not
     monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", True)
     check_against_loop(B=2, T=37, H=2, N=16)
 
