@@ -180,6 +180,16 @@ def _store_tile(x, val, TMA: tl.constexpr, i_n, t0, i_h, col, p, m_t, L: tl.cons
 
 
 @triton.jit
+def _store_state(states, S, TMA: tl.constexpr, i_slot, i_h, H, row0, p_state, BV: tl.constexpr, N: tl.constexpr):
+    """Writes S, rows row0.. (p_state: their offsets) of head i_h's state in slot i_slot of a [slots, H, N, N]
+    buffer (with TMA its descriptor)."""
+    if TMA:
+        states.store([i_slot.to(tl.int32), i_h, row0, 0], tl.reshape(S, [1, 1, BV, N]))
+    else:
+        tl.store(states + (i_slot * H + i_h) * N * N + p_state, S)
+
+
+@triton.jit
 def _load_keys(r, w, k, a, b, TMA: tl.constexpr, i_n, t0, i_h, p_k, m_t, L: tl.constexpr, N: tl.constexpr):
     """The key-side inputs of one chunk as float32 [L, N] tiles (masked steps: zeros, i.e. no decay)."""
     return (_tile(r, TMA, i_n, t0, i_h, 0, p_k, m_t, L, N), _tile(w, TMA, i_n, t0, i_h, 0, p_k, m_t, L, N),
@@ -227,10 +237,7 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
             r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, False)
 
         if STORE_STATES:
-            if TMA:
-                states.store([(slot0 + ic).to(tl.int32), i_h, i_v * BV, 0], tl.reshape(S, [1, 1, BV, N]))
-            else:
-                tl.store(states + slot * N * N + p_state, S)
+            _store_state(states, S, TMA, slot0 + ic, i_h, H, i_v * BV, p_state, BV, N)
         if STORE_MATS:
             if i_v == 0:
                 p = _mats_at(mats, slot, L)
@@ -249,10 +256,7 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
              + _mm(tl.trans(v_), k_ * e_end, PREC_S))
 
     if STORE_STATES:
-        if TMA:
-            states.store([(slot0 + n_chunks).to(tl.int32), i_h, i_v * BV, 0], tl.reshape(S, [1, 1, BV, N]))
-        else:
-            tl.store(states + ((slot0 + n_chunks) * H + i_h) * N * N + p_state, S)
+        _store_state(states, S, TMA, slot0 + n_chunks, i_h, H, i_v * BV, p_state, BV, N)
     tl.store(ht + (i_n.to(tl.int64) * H + i_h) * N * N + p_state, S)
 
 
@@ -328,10 +332,7 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
 
     for i in range(0, n_chunks):
         ic = n_chunks - 1 - i
-        if TMA:
-            dstates.store([(slot0 + ic + 1).to(tl.int32), i_h, i_v * BV, 0], tl.reshape(dS, [1, 1, BV, N]))
-        else:
-            tl.store(dstates + ((slot0 + ic + 1) * H + i_h) * N * N + p_state, dS)
+        _store_state(dstates, dS, TMA, slot0 + ic + 1, i_h, H, i_v * BV, p_state, BV, N)
         tok = bos + ic * L + o_t
         m_t = (ic * L + o_t) < seq_len
         row = (tok * H + i_h) * N
