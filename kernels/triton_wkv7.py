@@ -427,9 +427,9 @@ _PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_
 
 def _settings(N, kernel, device, dtype):
     """Value block size and launch options of one kernel ("fwd", "out", "dstate" or "grad") for inputs of `dtype`.
-    The dot modes above are chosen against the bf16 floor of bf16 inputs; float32 inputs, whose users expect
-    float32 results, get "tf32x3" everywhere. The interpreter computes every tl.dot in IEEE float32 whatever its
-    mode ("split" then adds two exact parts)."""
+    The dot modes above are chosen against the bf16 floor of bf16 inputs; for float32 inputs, whose users expect
+    float32 results, every mode short of float32 accuracy becomes "tf32x3". The interpreter computes every tl.dot
+    in IEEE float32 whatever its mode ("split" then adds two exact parts)."""
     c = CONFIG
     bv = min(N, c.get(kernel + "_bv", N))
     precs = {key.upper(): c[key] for key in _PRECS if key != "prec_ds"}
@@ -439,7 +439,7 @@ def _settings(N, kernel, device, dtype):
         precs = {key: "split" if mode == "split" else "ieee" for key, mode in precs.items()}
         return bv, dict(num_warps=1, INV=c["inv"], **precs)
     if dtype == torch.float32:
-        precs = dict.fromkeys(precs, "tf32x3")
+        precs = {key: mode if mode in ("ieee", "tf32x3") else "tf32x3" for key, mode in precs.items()}
     return bv, dict(num_warps=c[kernel + "_warps"], num_stages=c[kernel + "_stages"], INV=c["inv"], **precs)
 
 

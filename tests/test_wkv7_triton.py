@@ -137,6 +137,17 @@ def test_split_products_are_float32_accurate_on_bf16_values(exact_fp32, monkeypa
     check_against_loop(B=1, T=40, H=2, N=16, bf16_values=True)
 
 
+def test_float32_inputs_get_float32_accurate_products_on_the_gpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # the launch options a GPU would get; none is needed
+    gpu = torch.device("cuda")
+    modes = {key: value for key, value in triton_wkv7._settings(64, "fwd", gpu, torch.float32)[1].items()
+             if key.startswith("PREC")}
+    assert set(modes.values()) == {"tf32x3"}                  # the bf16-floor choices (tf32, bf16x3, split) raised
+    assert triton_wkv7._settings(64, "fwd", gpu, torch.bfloat16)[1]["PREC_S"] == triton_wkv7.CONFIG["prec_s"]
+    monkeypatch.setitem(triton_wkv7.CONFIG, "prec", "ieee")   # and an exact mode is kept
+    assert triton_wkv7._settings(64, "fwd", gpu, torch.float32)[1]["PREC"] == "ieee"
+
+
 @pytest.mark.parametrize("tma", [False, True])
 def test_forward_split_into_state_pass_and_chunk_parallel_outputs(exact_fp32, monkeypatch, tma):
     monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)          # the state pass through descriptors, outputs not
