@@ -51,9 +51,20 @@ def _mm(x, y, P: tl.constexpr):
 
 @triton.jit
 def _mats_at(mats, slot, L: tl.constexpr):
-    """Where chunk-state slot `slot` (times H, plus the head) keeps its [4, L, L] matrices in `mats`."""
+    """Where chunk-state slot `slot` (times H, plus the head) keeps its [4, L, L] matrices in `mats`: (I - M_ab)^{-1},
+    M_ak, M_rb, M_rk at this pointer plus 0, 1, 2, 3 times L * L."""
     o_t = tl.arange(0, L)
     return mats + slot * 4 * L * L + o_t[:, None] * L + o_t[None, :]
+
+
+@triton.jit
+def _store_mats(mats, slot, a_inv, m_ak, m_rb, m_rk, L: tl.constexpr):
+    """Keeps a chunk's matrices where _chunk_prep reads them (see _mats_at)."""
+    p = _mats_at(mats, slot, L)
+    tl.store(p, a_inv)
+    tl.store(p + L * L, m_ak)
+    tl.store(p + 2 * L * L, m_rb)
+    tl.store(p + 3 * L * L, m_rk)
 
 
 @triton.jit
@@ -239,12 +250,8 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
         if STORE_STATES:
             _store_state(states, S, TMA, slot0 + ic, i_h, H, i_v * BV, p_state, BV, N)
         if STORE_MATS:
-            if i_v == 0:
-                p = _mats_at(mats, slot, L)
-                tl.store(p, a_inv)
-                tl.store(p + L * L, m_ak)
-                tl.store(p + 2 * L * L, m_rb)
-                tl.store(p + 3 * L * L, m_rk)
+            if i_v == 0:                     # the same for every block of value rows: written once
+                _store_mats(mats, slot, a_inv, m_ak, m_rb, m_rk, L)
         # PREC_S: the products that read or write the state; PREC: the chunk-internal ones; PREC_RS, PREC_RK and
         # PREC_RKV: the three that carry the output's largest terms (see CONFIG)
         u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)                                # [L, BV]

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
 
 from rwkv7_kernels import triton_wkv7 as K  # noqa: E402
 
@@ -40,14 +41,17 @@ class _Cuda:
 
 
 def descriptors(tma, L, bv):
-    """The arguments that are tensor descriptors when the kernels run with CONFIG tma (see triton_wkv7._tiles)."""
+    """The signature types of the arguments that are tensor descriptors with CONFIG tma, from the descriptors
+    triton_wkv7 makes (of small stand-in tensors: only dtype and block shape enter the type)."""
     if not tma:
         return {}
-    keys, rows = f"[1, {L}, 1, {N}]", f"[1, {L}, 1, {bv}]"
-    return dict(r=f"tensordesc<bf16{keys}>", k=f"tensordesc<bf16{keys}>", a=f"tensordesc<bf16{keys}>",
-                b=f"tensordesc<bf16{keys}>", w=f"tensordesc<fp32{keys}>", v=f"tensordesc<bf16{rows}>",
-                y=f"tensordesc<bf16{rows}>", dy=f"tensordesc<bf16{rows}>",
-                states=f"tensordesc<fp32[1, 1, {bv}, {N}]>", dstates=f"tensordesc<fp32[1, 1, {bv}, {N}]>")
+    bf16, fp32 = torch.empty(1, L, 1, N, dtype=torch.bfloat16), torch.empty(1, L, 1, N)
+    keys, decay = K._tiles(True, L, [bf16, fp32], N)
+    rows, = K._tiles(True, L, [bf16], bv)
+    state = mangle_type(K._states(True, torch.empty(1, 1, N, N), bv))
+    return dict(r=mangle_type(keys), k=mangle_type(keys), a=mangle_type(keys), b=mangle_type(keys),
+                w=mangle_type(decay), v=mangle_type(rows), y=mangle_type(rows), dy=mangle_type(rows),
+                states=state, dstates=state)
 
 
 def signature(fn, constants, descs):
@@ -84,8 +88,8 @@ def report(fn, kernel, flags):
     ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9_.]+)", sass)
     count = {name: sum(op.split(".")[0] in prefixes for op in ops)
              for name, prefixes in dict(tc=("HMMA", "HGMMA"), bar=("BAR",), stl=("STL",), ldl=("LDL",)).items()}
-    print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {compiled.metadata.shared:>13d} {len(ops):>12d} "
-          f"{count['tc']:>11d} {count['bar']:>8d} {count['stl']:>9d}/{count['ldl']}")
+    print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {compiled.metadata.shared:>13d} "
+          f"{len(ops):>12d} {count['tc']:>11d} {count['bar']:>8d} {count['stl']:>9d}/{count['ldl']}")
 
 
 def main():
