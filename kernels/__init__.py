@@ -29,7 +29,8 @@ def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seql
     Memory: for the backward the CUDA path keeps every 16-step chunk's entering state in float32 and its four
     16x16 chunk matrices (triton_wkv7.CONFIG["keep_mats"]): (N*N + 1024) * 4 bytes per chunk and head, 20 KB at
     N=64, i.e. 1.25 KB per token and head (2.7 GB at B=8, T=4096, H=64); activation checkpointing of the blocks
-    recomputes them instead.
+    recomputes them instead. During the backward, when B*H is too small to fill the GPU (see
+    triton_wkv7._fused_backward), another N*N float32 per chunk and head holds dS for a moment.
 
     Returns (y [B, T, H, N] in r's dtype, final state or None). Gradients flow to all inputs and initial_state.
     """

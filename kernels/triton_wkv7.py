@@ -12,9 +12,11 @@ the chunk,
 
 Forward: one program per (sequence, head, block of BV value rows): rows of S (value index i) evolve independently,
 so the state block [BV, N] stays in float32 registers while the program walks its chunks in order; it writes
-every chunk's entering state (and the final state) in float32. Backward, in two launches: a sequential pass walks
-the chunks in reverse carrying only dS = dLoss/dS_L (rows again independent) and stores it at every chunk's exit;
-then one program per chunk, given S_0, S_L and dS, differentiates the formulas above by hand:
+every chunk's entering state (and the final state) in float32. Backward, fused: one program per (sequence, head)
+walks the chunks in reverse carrying dS = dLoss/dS_L at the current chunk's exit; at each chunk, given S_0 (read
+from the forward's states), it differentiates the formulas above by hand, stores the chunk's gradients and steps dS
+back. Or split, in two launches: a sequential pass carrying only dS (rows of dS are independent, like those of S)
+stores it at every chunk's exit, then one program per chunk does the same differentiation from S_0, S_L and dS:
 
     dS' = dS diag(e^{c_L});  dU = M_rb^T dY + B^ dS'^T;  dX = (I - M_ab)^{-T} dU
     dV = M_rk^T dY + K^ dS'^T + M_ak^T dX;  dS_0 = dS' + dY^T R~ + dX^T A~
@@ -23,8 +25,9 @@ then one program per chunk, given S_0, S_L and dS, differentiates the formulas a
     dB^ = dM_rb^T R~ + dM_ab^T A~ + U dS';  dK^ = dM_rk^T R~ + dM_ak^T A~ + V dS'
     dw_t = sum_{s>=t} (dr r + da a - db b - dk k)_s - (da a)_t + sum_i (S_L dS)_i
 
-(the last term from c_L; the first from r~, b^, k^ depending on c_t and a~ on c_{t-1} = c_t - w_t).
-The chunk-parallel pass is where the work is, and it has B*H*T/L independent programs to spread over the GPU.
+(the last term from c_L; the first from r~, b^, k^ depending on c_t and a~ on c_{t-1} = c_t - w_t). The fused
+pass does less (no dS buffer as large as the states, written and read back; dX computed once) but has only B*H
+programs; the split one spreads B*H*T/L over the GPU: see _fused_backward for which runs.
 
 Decay range: w >= -exp(-0.5) gives e^{-c} <= e^{9.7} over 16 steps (e^{38.8} over 64), inside float32 (and tf32,
 which has its exponent range). Any T (the last chunk
@@ -316,12 +319,12 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_of
 def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlens, chunk_offsets, T, H,
                            N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                            HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, KEPT: tl.constexpr,
-                           IS_VARLEN: tl.constexpr, TMA: tl.constexpr,
+                           IS_VARLEN: tl.constexpr,
                            PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
                            PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
     """The backward's sequential part: walks the chunks in reverse carrying only dS = dLoss/dS (rows of dS, like
-    rows of S, are independent: one program per block of BV value rows) and stores dS at every chunk's exit.
-    With TMA, r, w, k, a, b, dy and dstates are tensor descriptors (see wkv7_bwd)."""
+    rows of S, are independent: one program per block of BV value rows) and stores dS at every chunk's exit, for
+    _wkv7_bwd_chunk_kernel."""
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = i_nh // H
@@ -339,12 +342,12 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
 
     for i in range(0, n_chunks):
         ic = n_chunks - 1 - i
-        _store_state(dstates, dS, TMA, slot0 + ic + 1, i_h, H, i_v * BV, p_state, BV, N)
+        _store_state(dstates, dS, False, slot0 + ic + 1, i_h, H, i_v * BV, p_state, BV, N)
         tok = bos + ic * L + o_t
         m_t = (ic * L + o_t) < seq_len
         row = (tok * H + i_h) * N
-        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, TMA, i_n, ic * L, i_h, row[:, None] + o_k[None, :], m_t, L, N)
-        dy_ = _tile(dy, TMA, i_n, ic * L, i_h, i_v * BV, row[:, None] + o_v[None, :], m_t, L, BV)
+        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, row[:, None] + o_k[None, :], m_t, L, N)
+        dy_ = tl.load(dy + row[:, None] + o_v[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
         c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, mats, (slot0 + ic) * H + i_h, L, PREC, INV, PREC_INV, PREC_RK,
             KEPT)                                                       # the unused ones are compiled away
@@ -356,29 +359,15 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
 
 
 @triton.jit
-def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db,
-                           cu_seqlens, chunk_offsets, chunk_docs, n_docs, T, H,
-                           N: tl.constexpr, L: tl.constexpr, KEPT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                           PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
-                           PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
-    """The backward's parallel part: one program per (chunk, sequence, head). With the chunk's entering and exiting
-    states (forward) and dS at its exit (state pass), every input gradient of the chunk follows locally."""
-    i_n, slot, p_k, m_t = _chunk_of_program(chunk_docs, chunk_offsets, cu_seqlens, n_docs, T, H, N, L, IS_VARLEN)
-    if i_n >= n_docs:
-        return
+def _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_t, dr, dw, dk, dv, da, db,
+                 L: tl.constexpr, KEPT: tl.constexpr, PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr,
+                 PREC_INV: tl.constexpr, PREC_RK: tl.constexpr):
+    """Stores every input gradient of one chunk, given its entering state S0, dS at its exit and g_end = d/dc_L
+    (sum_i S_L dS), and returns dS at its entry (the previous chunk's exit)."""
     o_t = tl.arange(0, L)
-    o_k = tl.arange(0, N)
     strict = o_t[:, None] > o_t[None, :]
     incl = o_t[:, None] >= o_t[None, :]
-    p_state = o_k[:, None] * N + o_k[None, :]
     m_2d = m_t[:, None]
-    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, i_n, 0, 0, p_k, m_t, L, N)
-    v_ = tl.load(v + p_k, mask=m_2d, other=0.0).to(tl.float32)
-    dy_ = tl.load(dy + p_k, mask=m_2d, other=0.0).to(tl.float32)
-    dS = tl.load(dstates + (slot + H) * N * N + p_state)
-    g_end = tl.sum(tl.load(states + (slot + H) * N * N + p_state) * dS, axis=0)         # d/dc_L
-    S0 = tl.load(states + slot * N * N + p_state)
-
     # Ordered so that each gradient is stored as soon as it is complete: fewer values live at once (registers).
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
         r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
@@ -404,17 +393,85 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
     g -= dk_ * k_
     dw_ = tl.cumsum(g, axis=0, reverse=True) - da_a + g_end[None, :]
     tl.store(dw + p_k, dw_.to(dw.dtype.element_ty), mask=m_2d)
+    return dS * tl.exp(c_last)[None, :] + _mm(tl.trans(dy_), rt, PREC_S) + _mm(tl.trans(dx), at, PREC_S)
+
+
+@triton.jit
+def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db,
+                           cu_seqlens, chunk_offsets, chunk_docs, n_docs, T, H,
+                           N: tl.constexpr, L: tl.constexpr, KEPT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                           PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
+                           PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """The split backward's parallel part: one program per (chunk, sequence, head). With the chunk's entering and
+    exiting states (forward) and dS at its exit (_wkv7_bwd_state_kernel), the chunk's gradients follow locally."""
+    i_n, slot, p_k, m_t = _chunk_of_program(chunk_docs, chunk_offsets, cu_seqlens, n_docs, T, H, N, L, IS_VARLEN)
+    if i_n >= n_docs:
+        return
+    o_k = tl.arange(0, N)
+    p_state = o_k[:, None] * N + o_k[None, :]
+    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
+    v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
+    dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
+    dS = tl.load(dstates + (slot + H) * N * N + p_state)
+    g_end = tl.sum(tl.load(states + (slot + H) * N * N + p_state) * dS, axis=0)         # d/dc_L
+    S0 = tl.load(states + slot * N * N + p_state)
+    _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_t, dr, dw, dk, dv, da, db,
+                 L, KEPT, PREC, PREC_S, INV, PREC_INV, PREC_RK)       # the entering dS it returns: compiled away
+
+
+@triton.jit
+def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, dk, dv, da, db, cu_seqlens,
+                           chunk_offsets, T, H, N: tl.constexpr, L: tl.constexpr,
+                           HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, KEPT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                           PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
+                           PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """The fused backward, in one pass: one program per (sequence, head) walks the chunks in reverse carrying
+    dS = dLoss/dS at the current chunk's exit and g_end = sum_i S_L dS there (S_L, the exiting state, is the next
+    chunk's entering state, which the step before read), and stores every input gradient of each chunk."""
+    i_nh = tl.program_id(0)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, seq_len, n_chunks, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L, IS_VARLEN)
+    o_t = tl.arange(0, L)
+    o_k = tl.arange(0, N)
+    p_state = o_k[:, None] * N + o_k[None, :]
+    if HAS_DHT:
+        dS = tl.load(dht + (i_n.to(tl.int64) * H + i_h) * N * N + p_state).to(tl.float32)
+        g_end = tl.sum(tl.load(states + ((slot0 + n_chunks) * H + i_h) * N * N + p_state) * dS, axis=0)
+    else:
+        dS = tl.zeros([N, N], dtype=tl.float32)
+        g_end = tl.zeros([N], dtype=tl.float32)
+
+    for i in range(0, n_chunks):
+        ic = n_chunks - 1 - i
+        tok = bos + ic * L + o_t
+        m_t = (ic * L + o_t) < seq_len
+        p_k = ((tok * H + i_h) * N)[:, None] + o_k[None, :]
+        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, i_n, 0, 0, p_k, m_t, L, N)
+        v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
+        dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
+        slot = (slot0 + ic) * H + i_h
+        S0 = tl.load(states + slot * N * N + p_state)
+        dS = _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_t, dr, dw, dk, dv, da, db,
+                          L, KEPT, PREC, PREC_S, INV, PREC_INV, PREC_RK)
+        # S0 is the exiting state of the chunk before: its g_end (S0 read again, not kept: registers)
+        g_end = tl.sum(tl.load(states + slot * N * N + p_state) * dS, axis=0)
+
+    if STORE_DS0:
+        tl.store(ds0 + (i_n.to(tl.int64) * H + i_h) * N * N + p_state, dS)
 
 
 # GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. The kernels: the forward
 # (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
-# the outputs from them), the backward's sequential dS pass (dstate_*) and its chunk-parallel gradient pass
-# (grad_*). chunk: steps per chunk (16, 32 or 64); *_bv: value rows of S (or dS) per program. keep_mats: the forward
-# writes each chunk's [L, L] matrices ((I - M_ab)^{-1}, M_ak, M_rb, M_rk; 4 L^2 floats, a quarter of a state at
-# L = 16) and the later kernels (both backward passes; fwd_split's outputs) read them instead of recomputing them
-# (forward+backward 15.3 against 16.2 ms on an H200 with the dot modes below; docs/benchmarks.md). tma: the forward
-# and the dS pass read and write their tiles and states through tensor descriptors (bulk copies, no per-element
-# addresses; without cu_seqlens only), which also lets the compiler fetch a chunk's tiles during the previous one.
+# the outputs from them) and the backward: bwd "fused" (bwd_*), "split" into the sequential dS pass (dstate_*) and
+# the chunk-parallel gradient pass (grad_*), or "auto" (see _fused_backward). chunk: steps per chunk (16, 32 or
+# 64); *_bv: value rows of S (or dS) per program. keep_mats: the forward writes each chunk's [L, L] matrices
+# ((I - M_ab)^{-1}, M_ak, M_rb, M_rk; 4 L^2 floats, a quarter of a state at L = 16) and the later kernels (the
+# backward; fwd_split's outputs) read them instead of recomputing them (forward+backward 15.3 against 16.2 ms on an
+# H200 with the dot modes below; docs/benchmarks.md). tma: the forward reads and writes its tiles and states
+# through tensor descriptors (bulk copies, no per-element addresses; without cu_seqlens only), which also lets the
+# compiler fetch a chunk's tiles during the previous one: on an H200 the forward alone 2-8% faster with 512
+# programs (B=8, H=64), a training step the same, and the forward 12% slower with 96 (B=8, H=12): off.
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
 # accurate at three times the work; "bf16x3", as accurate here, hi and lo bf16 parts and three bf16 products, at
 # half tf32x3's tensor-core work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
@@ -426,21 +483,22 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
 # (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
 CONFIG = dict(chunk=16, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4, fwd_stages=2, fwd_split=False,
-              out_warps=4, out_stages=2, dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2,
-              prec="tf32", prec_s="bf16x3", prec_ds="tf32", prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split",
-              prec_rs="bf16x3", inv="block")
+              out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1, dstate_bv=64, dstate_warps=4,
+              dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32", prec_s="bf16x3", prec_ds="tf32",
+              prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split", prec_rs="bf16x3", inv="block")
 _PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_rs")
 
 
 def _settings(N, kernel, device, dtype):
-    """Value block size and launch options of one kernel ("fwd", "out", "dstate" or "grad") for inputs of `dtype`.
+    """Value block size and launch options of one kernel ("fwd", "out", "bwd", "dstate" or "grad") for inputs of
+    `dtype`.
     The dot modes above are chosen against the bf16 floor of bf16 inputs; for float32 inputs, whose users expect
     float32 results, every mode short of float32 accuracy becomes "tf32x3". The interpreter computes every tl.dot
     in IEEE float32 whatever its mode ("split" then adds two exact parts)."""
     c = CONFIG
     bv = min(N, c.get(kernel + "_bv", N))
     precs = {key.upper(): c[key] for key in _PRECS if key != "prec_ds"}
-    if kernel in ("dstate", "grad"):
+    if kernel in ("bwd", "dstate", "grad"):
         precs["PREC_S"] = c["prec_ds"]
     if device.type != "cuda" or _interpreting():
         precs = {key: "split" if mode == "split" else "ieee" for key, mode in precs.items()}
@@ -487,12 +545,13 @@ class _Layout:
         return (self.n_chunk_programs, H if self.is_varlen else self.n_seq * H)
 
 
-def _tma(layout):
-    """Whether the sequential kernels move their tiles through tensor descriptors (Hopper's tensor memory
-    accelerator; CONFIG tma): only without cu_seqlens, where a chunk's rows past its sequence are past the end
-    of the tensor's T axis, which a descriptor's bounds mask. (With documents packed in one row they are the next
-    document's.)"""
-    return CONFIG["tma"] and not layout.is_varlen
+def _tma(layout, device):
+    """Whether the forward moves its tiles through tensor descriptors (CONFIG tma; Hopper's tensor memory
+    accelerator, so on GPUs from sm_90 on, and the interpreter): only without cu_seqlens, where a chunk's rows past
+    its sequence are past the end of the tensor's T axis, which a descriptor's bounds mask. (With documents packed
+    in one row they are the next document's.)"""
+    hopper = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return CONFIG["tma"] and hopper and not layout.is_varlen
 
 
 def _descriptor(x, block):
@@ -501,12 +560,12 @@ def _descriptor(x, block):
 
 
 def _tiles(tma, L, xs, W):
-    """[B, T, H, N] tensors as the sequential kernels take them: descriptors of [1, L, 1, W] blocks with TMA."""
+    """[B, T, H, N] tensors as the forward takes them: descriptors of [1, L, 1, W] blocks with TMA."""
     return [_descriptor(x, [1, L, 1, W]) if tma else x for x in xs]
 
 
 def _states(tma, states, BV):
-    """A [slots, H, N, N] state buffer (or None) as the sequential kernels take it: blocks of BV rows with TMA."""
+    """A [slots, H, N, N] state buffer (or None) as the forward takes it: blocks of BV rows with TMA."""
     if tma and states is not None:
         return _descriptor(states, [1, 1, BV, states.shape[-1]])
     return states
@@ -525,7 +584,7 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     ht = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32)
     split = store_states and CONFIG["fwd_split"]
     BV, opts = _settings(N, "fwd", r.device, r.dtype)
-    tma = _tma(layout)
+    tma = _tma(layout, r.device)
     tr, tw, tk, ta, tb = _tiles(tma, L, (r, w, k, a, b), N)
     tv, ty = _tiles(tma, L, (v, y), BV)
     _wkv7_fwd_kernel[(layout.n_seq * H, N // BV)](
@@ -542,26 +601,44 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
 
 
 def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
-    """Gradients in two launches: the sequential dS pass, then all chunks in parallel (both read the chunks'
-    matrices from mats when the forward kept them)."""
+    """Every input gradient (and dS_0 with need_ds0), reading the forward's chunk states and, when it kept them, the
+    chunks' matrices: fused (one sequential pass) or split (a sequential dS pass, then all chunks in parallel), as
+    CONFIG bwd says (see _fused_backward)."""
     B, T, H, N = r.shape
-    dstates = torch.empty_like(states)
     ds0 = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32) if need_ds0 else None
-    BV, opts = _settings(N, "dstate", r.device, r.dtype)
-    tma = _tma(layout)
-    tr, tw, tk, ta, tb = _tiles(tma, layout.L, (r, w, k, a, b), N)
-    tdy, = _tiles(tma, layout.L, (dy,), BV)
-    _wkv7_bwd_state_kernel[(layout.n_seq * H, N // BV)](
-        tr, tw, tk, ta, tb, tdy, mats, dht, _states(tma, dstates, BV), ds0, layout.cu_seqlens, layout.chunk_offsets,
-        layout.T, H, N=N, L=layout.L, BV=BV, HAS_DHT=dht is not None, STORE_DS0=need_ds0, KEPT=mats is not None,
-        IS_VARLEN=layout.is_varlen, TMA=tma, **opts)
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
+    common = dict(N=N, L=layout.L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen)
+    if _fused_backward(layout.n_seq * H, r.device):
+        _, opts = _settings(N, "bwd", r.device, r.dtype)
+        _wkv7_bwd_fused_kernel[(layout.n_seq * H,)](
+            r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, dk, dv, da, db, layout.cu_seqlens,
+            layout.chunk_offsets, layout.T, H, HAS_DHT=dht is not None, STORE_DS0=need_ds0, **common, **opts)
+        return dr, dw, dk, dv, da, db, ds0
+    dstates = torch.empty_like(states)
+    BV, opts = _settings(N, "dstate", r.device, r.dtype)
+    _wkv7_bwd_state_kernel[(layout.n_seq * H, N // BV)](
+        r, w, k, a, b, dy, mats, dht, dstates, ds0, layout.cu_seqlens, layout.chunk_offsets, layout.T, H, BV=BV,
+        HAS_DHT=dht is not None, STORE_DS0=need_ds0, **common, **opts)
     _, opts = _settings(N, "grad", r.device, r.dtype)
     _wkv7_bwd_chunk_kernel[layout.chunk_grid(H)](
-        r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db,
-        layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs, layout.n_seq, layout.T, H,
-        N=N, L=layout.L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen, **opts)
+        r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db, layout.cu_seqlens,
+        layout.chunk_offsets, layout.chunk_docs, layout.n_seq, layout.T, H, **common, **opts)
     return dr, dw, dk, dv, da, db, ds0
+
+
+def _fused_backward(programs, device):
+    """Whether the backward runs fused (CONFIG bwd "fused"), split ("split") or, with "auto", fused when its
+    `programs` (sequences x heads) fill the GPU: each multiprocessor holds two of them at a time (255 registers
+    a thread) and the pass takes as long as its waves of programs, so fused wins when every wave is at least 90%
+    full. On an H200 at B=8, T=4096 (docs/benchmarks.md): with 512 programs (H=64) the op's forward+backward
+    14.3 ms fused against 14.9 split, with 256 (H=32) a block at C=2048 42.5 against 42.9, with 96 (H=12) a block
+    at C=768 18.4 against 16.7."""
+    mode = CONFIG["bwd"]
+    if mode != "auto" or device.type != "cuda":
+        return mode != "split"
+    slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    waves = -(-programs // slots)
+    return programs >= 0.9 * waves * slots
 
 
 class _WKV7(torch.autograd.Function):

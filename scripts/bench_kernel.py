@@ -11,7 +11,8 @@ speed: forward (no autograd) and forward+backward at B=8 T=4096 H=64 N=64, bf16,
     chunked PyTorch path; the ratios, and the achieved bandwidth and FLOP rate of our kernels.
 layer: one whole RWKV-7 block (time-mix + channel-mix) forward+backward in bf16 at C=768 and C=2048, and where
     its GPU time goes (torch.profiler, kernels grouped by kind).
---variants: a JSON list of overrides of rwkv7_kernels.triton_wkv7.CONFIG; each is checked and timed.
+--variants: a JSON list of overrides of rwkv7_kernels.triton_wkv7.CONFIG; each is checked and timed (and the
+    block timed with each).
 Everything printed is also written to --log.
 """
 import argparse
@@ -172,17 +173,18 @@ def time_kernel(fn, xs, gy, reps, name=None):
 
 def traffic_and_flops(B, T, H, N, L=16):
     """Fewest bytes our kernels move and the FLOPs of the chunked algorithm as written (one product each, whatever
-    its dot mode). Forward (training): inputs, y, the float32 chunk states. Backward: the dS pass reads the key-side
-    inputs and dy and writes dS per chunk; the gradient pass reads every input, dy, two states and dS per chunk and
+    its dot mode), with the chunks' matrices kept (CONFIG keep_mats). Forward (training): reads the inputs, writes y,
+    the float32 chunk states and the matrices. Backward: reads every input, dy, the states and the matrices and
     writes six gradients."""
     tok = B * T * H * N
     inputs = tok * (5 * 2 + 4)                      # r, k, v, a, b bf16; w float32
-    states = B * H * (T // L + 1) * N * N * 4
-    fwd_bytes = inputs + tok * 2 + states
-    bwd_bytes = (inputs - tok * 2 + tok * 2 + states) + (inputs + tok * 2 + 3 * states + tok * (5 * 2 + 4))
+    slots = B * H * (T // L + 1)
+    states, mats = slots * N * N * 4, slots * 4 * L * L * 4
+    fwd_bytes = inputs + tok * 2 + states + mats
+    bwd_bytes = inputs + tok * 2 + states + mats + inputs
     chunks = B * H * T // L
     fwd_flops = chunks * 2 * (8 * L * L * N + 4 * L * N * N + L ** 3 / 3)
-    bwd_flops = chunks * 2 * (24 * L * L * N + 11 * L * N * N + 2 * L ** 3 / 3)   # incl. recomputed chunk algebra
+    bwd_flops = chunks * 2 * (18 * L * L * N + 9 * L * N * N)
     return fwd_bytes, bwd_bytes, fwd_flops, bwd_flops
 
 
@@ -261,11 +263,11 @@ def speed(variants, fla, with_torch=True):
 
 
 # ------------------------------------------------------------------------------------------------- layer
-def layer(B=8, T=4096):
+def layer(variants, B=8, T=4096):
     sys.path.insert(0, ".")
     from rwkv7_train.model import RWKV7, RWKV7Config
     say(f"\n## one RWKV-7 block forward+backward, bf16, B={B} T={T}")
-    for C in (768, 2048):
+    for C, v in ((C, v) for C in (768, 2048) for v in variants):
         model = RWKV7(RWKV7Config(vocab_size=256, n_layer=2, n_embd=C)).cuda()
         block = model.blocks[1].to(torch.bfloat16)
         with torch.no_grad():   # the official init zeroes some matrices; time on non-zero weights
@@ -282,11 +284,12 @@ def layer(B=8, T=4096):
             out = block(x, v_first)[0]
             out.backward(g)
 
-        ms = cuda_time(step, reps=10)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
+        with config(v):
+            ms = cuda_time(step, reps=10)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
         groups = {}
         for ev in prof.key_averages():
             t = ev.self_device_time_total / 3 / 1000.0
@@ -304,7 +307,7 @@ def layer(B=8, T=4096):
             groups[kind] = groups.get(kind, 0.0) + t
         total = sum(groups.values())
         parts = ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in sorted(groups.items(), key=lambda kv: -kv[1]))
-        say(f"C={C} (H={C // 64}): {ms:.2f} ms per block forward+backward; GPU time: {parts}")
+        say(f"C={C} (H={C // 64}) {json.dumps(v)}: {ms:.2f} ms per block forward+backward; GPU time: {parts}")
         top = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
         for ev in top:
             say(f"    {ev.self_device_time_total / 3 / 1000:7.2f} ms  {ev.key[:90]}")
@@ -334,7 +337,7 @@ def main():
         if "speed" in parts:
             out["speed"] = speed(variants, fla, with_torch=not args.no_torch)
         if "layer" in parts:
-            layer()
+            layer(variants)
     finally:
         if args.log:
             with open(args.log, "w") as f:

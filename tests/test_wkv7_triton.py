@@ -92,7 +92,7 @@ def test_head_size_64_with_several_heads(exact_fp32):
 
 
 def test_head_size_128_in_two_value_blocks(exact_fp32):
-    check_against_loop(B=1, T=20, H=1, N=128)   # the forward and dS pass split S into 64-row blocks (CONFIG)
+    check_against_loop(B=1, T=20, H=1, N=128)   # the forward splits S into 64-row blocks (CONFIG)
 
 
 @pytest.mark.parametrize("decay", ["near_0.545", "near_1"])
@@ -115,21 +115,18 @@ def test_longer_chunks_are_exact(exact_fp32, monkeypatch, chunk):
 @pytest.mark.parametrize("keep_mats", [False, True])
 def test_state_split_into_blocks_of_value_rows(exact_fp32, monkeypatch, keep_mats):
     monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", keep_mats)   # kept: written once, by the first block
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "split")             # the fused backward keeps whole rows
     for key in ("fwd_bv", "dstate_bv"):
         monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
     check_against_loop(B=1, T=20, H=2, N=32)
 
 
-def test_tiles_through_tensor_descriptors(exact_fp32, monkeypatch):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", True)
-    check_against_loop(B=2, T=37, H=2, N=16)      # a partial last chunk: the descriptor's bounds zero its rows
-
-
-def test_tiles_through_tensor_descriptors_in_blocks_of_value_rows(exact_fp32, monkeypatch):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", True)
-    for key in ("fwd_bv", "dstate_bv"):
-        monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
-    check_against_loop(B=1, T=20, H=2, N=32)
+@pytest.mark.parametrize("fwd_bv", [16, 32])
+@pytest.mark.parametrize("tma", [False, True])
+def test_tiles_through_pointers_or_tensor_descriptors(exact_fp32, monkeypatch, tma, fwd_bv):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)
+    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_bv", fwd_bv)
+    check_against_loop(B=2, T=37, H=2, N=32)      # a partial last chunk: masks or the descriptor's bounds zero it
 
 
 def test_split_products_are_float32_accurate_on_bf16_values(exact_fp32, monkeypatch):
@@ -155,15 +152,18 @@ def test_forward_split_into_state_pass_and_chunk_parallel_outputs(exact_fp32, mo
     check_against_loop(B=2, T=37, H=2, N=16)
 
 
-@pytest.mark.parametrize("fwd_split", [False, True])
-def test_backward_reads_the_chunk_matrices_the_forward_kept(exact_fp32, monkeypatch, fwd_split):
+@pytest.mark.parametrize("fwd_split,bwd", [(False, "fused"), (True, "split")])
+def test_backward_reads_the_chunk_matrices_the_forward_kept(exact_fp32, monkeypatch, fwd_split, bwd):
     monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", True)
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
     monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
     check_against_loop(B=2, T=37, H=2, N=16)
 
 
-def test_backward_depends_on_the_kept_matrices_and_not_only_on_the_inputs(exact_fp32, monkeypatch):
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_backward_depends_on_the_kept_matrices_and_not_only_on_the_inputs(exact_fp32, monkeypatch, bwd):
     monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", True)
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
     r, w, k, v, a, b = (x.float() for x in make_inputs(1, 37, 2, 16, seed=9))
     layout = triton_wkv7._Layout(1, 37, None, r.device, triton_wkv7.CONFIG["chunk"])
     y, ht, states, mats = triton_wkv7.wkv7_fwd(r, w, k, v, a, b, None, layout)
@@ -179,14 +179,32 @@ def test_backward_depends_on_the_kept_matrices_and_not_only_on_the_inputs(exact_
     assert max(rel_err(z, x) for x, z in zip(recomputed, altered)) > 1e-3   # and the backward reads them
 
 
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_fused_and_split_backward_are_exact(exact_fp32, monkeypatch, bwd):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
+    check_against_loop(B=2, T=37, H=2, N=16, decay="near_1")
+
+
+@pytest.mark.skipif(not CUDA, reason="the rule reads the GPU's multiprocessor count")
+def test_auto_backward_is_fused_only_when_its_programs_fill_the_gpu():
+    slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count    # two programs per multiprocessor
+    gpu = torch.device("cuda")
+    assert triton_wkv7._fused_backward(slots, gpu) and triton_wkv7._fused_backward(2 * slots, gpu)
+    assert not triton_wkv7._fused_backward(slots // 3, gpu)       # most multiprocessors idle
+    assert not triton_wkv7._fused_backward(slots + 8, gpu)        # a second wave of 8
+
+
 def test_without_initial_state_or_final_state_gradient(exact_fp32):
     check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
 
 
-@pytest.mark.parametrize("fwd_split,chunk,keep_mats,tma", [(False, 16, False, False), (True, 16, False, False),
-                                                           (True, 32, False, False), (False, 16, True, True)])
-def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk, keep_mats, tma):
+@pytest.mark.parametrize("fwd_split,chunk,keep_mats,tma,bwd", [
+    (False, 16, False, False, "fused"), (True, 16, False, False, "split"), (True, 32, False, False, "fused"),
+    (False, 16, True, True, "fused"), (False, 16, True, False, "split")])
+def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk, keep_mats, tma,
+                                                         bwd):
     monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)          # packed documents keep pointers (see _tma)
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
     monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
     monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", chunk)
     monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", keep_mats)
