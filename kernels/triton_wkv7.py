@@ -174,6 +174,15 @@ def _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L: tl.constexpr, IS_VARLEN: t
 
 
 @triton.jit
+def _sequence_of_program(cu_seqlens, chunk_offsets, T, H, L: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where a sequential program works: program_id(0) = sequence * H + head; returns the sequence, the head and
+    the sequence's bounds (see _seq_bounds)."""
+    i_n = tl.program_id(0) // H
+    bos, seq_len, n_chunks, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L, IS_VARLEN)
+    return i_n, tl.program_id(0) % H, bos, seq_len, n_chunks, slot0
+
+
+@triton.jit
 def _tile(x, TMA: tl.constexpr, i_n, t0, i_h, col, p, m_t, L: tl.constexpr, W: tl.constexpr):
     """One chunk's [L, W] tile of a [B, T, H, N] input (steps t0.. of sequence i_n, head i_h, columns col..) as
     float32, the steps past the sequence zero: with TMA x is a tensor descriptor whose bounds do the masking (no
@@ -222,11 +231,8 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
     """Walks the chunks in order carrying S; with STORE_Y false it only writes the states (the outputs then come
     from the chunk-parallel _wkv7_fwd_out_kernel). With TMA, r, w, k, v, a, b, y and states are tensor
     descriptors (see wkv7_fwd)."""
-    i_nh = tl.program_id(0)
+    i_n, i_h, bos, seq_len, n_chunks, slot0 = _sequence_of_program(cu_seqlens, chunk_offsets, T, H, L, IS_VARLEN)
     i_v = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, seq_len, n_chunks, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L, IS_VARLEN)
 
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, N)
@@ -305,7 +311,7 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_of
     if i_n >= n_docs:
         return
     o_k = tl.arange(0, N)
-    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, i_n, 0, 0, p_k, m_t, L, N)
+    r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
     S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
     c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
@@ -325,11 +331,8 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
     """The backward's sequential part: walks the chunks in reverse carrying only dS = dLoss/dS (rows of dS, like
     rows of S, are independent: one program per block of BV value rows) and stores dS at every chunk's exit, for
     _wkv7_bwd_chunk_kernel."""
-    i_nh = tl.program_id(0)
+    i_n, i_h, bos, seq_len, n_chunks, slot0 = _sequence_of_program(cu_seqlens, chunk_offsets, T, H, L, IS_VARLEN)
     i_v = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, seq_len, n_chunks, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L, IS_VARLEN)
 
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, N)
@@ -428,10 +431,7 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
     """The fused backward, in one pass: one program per (sequence, head) walks the chunks in reverse carrying
     dS = dLoss/dS at the current chunk's exit and g_end = sum_i S_L dS there (S_L, the exiting state, is the next
     chunk's entering state, which the step before read), and stores every input gradient of each chunk."""
-    i_nh = tl.program_id(0)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, seq_len, n_chunks, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L, IS_VARLEN)
+    i_n, i_h, bos, seq_len, n_chunks, slot0 = _sequence_of_program(cu_seqlens, chunk_offsets, T, H, L, IS_VARLEN)
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, N)
     p_state = o_k[:, None] * N + o_k[None, :]
@@ -447,7 +447,7 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
         tok = bos + ic * L + o_t
         m_t = (ic * L + o_t) < seq_len
         p_k = ((tok * H + i_h) * N)[:, None] + o_k[None, :]
-        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, i_n, 0, 0, p_k, m_t, L, N)
+        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
         v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
         dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
         slot = (slot0 + ic) * H + i_h
