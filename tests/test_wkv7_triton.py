@@ -186,7 +186,8 @@ def test_fused_and_split_backward_are_exact(exact_fp32, monkeypatch, bwd):
 
 
 @pytest.mark.skipif(not CUDA, reason="the rule reads the GPU's multiprocessor count")
-def test_auto_backward_is_fused_only_when_its_programs_fill_the_gpu():
+def test_auto_backward_is_fused_only_when_its_programs_fill_the_gpu(monkeypatch):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "auto")
     slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count    # two programs per multiprocessor
     gpu = torch.device("cuda")
     assert triton_wkv7._fused_backward(slots, gpu) and triton_wkv7._fused_backward(2 * slots, gpu)
