@@ -550,8 +550,8 @@ def _tma(layout, device):
     accelerator, so on GPUs from sm_90 on, and the interpreter): only without cu_seqlens, where a chunk's rows past
     its sequence are past the end of the tensor's T axis, which a descriptor's bounds mask. (With documents packed
     in one row they are the next document's.)"""
-    hopper = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
-    return CONFIG["tma"] and hopper and not layout.is_varlen
+    return (CONFIG["tma"] and not layout.is_varlen
+            and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9))
 
 
 def _descriptor(x, block):
