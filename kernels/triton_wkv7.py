@@ -122,7 +122,6 @@ def _chunk_prep(r_, w_, k_, a_, b_, mats, slot, L: tl.constexpr, PREC: tl.conste
     e_c = tl.math.exp2(c)
     e_cp = tl.math.exp2(c - w2)
     e_nc = tl.math.exp2(-c)
-    e_end = tl.math.exp2(c_last[None, :] - c)            # e^{c_L - c_t} <= 1
     at = a_ * e_cp
     rt = r_ * e_c
     bh = b_ * e_nc
@@ -139,7 +138,7 @@ def _chunk_prep(r_, w_, k_, a_, b_, mats, slot, L: tl.constexpr, PREC: tl.conste
             a_inv = _inverse_subst(tl.where(o_t[:, None] < o_t[None, :], _mm(bh, tl.trans(at), PREC), 0.0), L)
         else:
             a_inv = _inverse_blocked(tl.where(strict, _mm(at, tl.trans(bh), PREC), 0.0), L, PREC_INV)
-    return c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk
+    return c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk
 
 
 @triton.jit
@@ -294,7 +293,7 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
         v_ = _tile(v, TMA, i_n, ic * L, i_h, i_v * BV, p_v, m_t, L, BV)
 
         slot = (slot0 + ic) * H + i_h
-        c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
+        c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, False)
 
         if STORE_STATES:
@@ -309,8 +308,7 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
             y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
             _store_tile(y, y_, TMA, i_n, ic * L, i_h, i_v * BV, p_v, m_t, L, BV)
 
-        S = _mm(tl.trans(v_), k_ * e_end, PREC_S, _mm(tl.trans(u), b_ * e_end, PREC_S,
-                                                      S * tl.math.exp2(c_last)[None, :]))
+        S = _mm(tl.trans(v_), kh, PREC_S, _mm(tl.trans(u), bh, PREC_S, S)) * tl.math.exp2(c_last)[None, :]
 
     if STORE_STATES:
         _store_state(states, S, TMA, slot0 + n_chunks, i_h, H, i_v * BV, p_state, BV, N)
@@ -355,7 +353,7 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_of
     r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
     S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
-    c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
+    c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
         r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
     u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)
     y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
@@ -392,7 +390,7 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
         row = (tok * H + i_h) * N
         r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, row[:, None] + o_k[None, :], m_t, L, N)
         dy_ = tl.load(dy + row[:, None] + o_v[None, :], mask=m_t[:, None], other=0.0)
-        c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
+        c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, mats, (slot0 + ic) * H + i_h, L, PREC, INV, PREC_INV, PREC_RK,
             KEPT)                                                       # the unused ones are compiled away
         dS = dS * tl.math.exp2(c_last)[None, :]                                          # dS'
@@ -416,7 +414,7 @@ def _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_
     # Ordered so that each gradient is stored as soon as it is complete: fewer values live at once (registers).
     # The raw tiles r, k, a, b are not used past _chunk_prep (their gradients' parts of dw come from the scaled
     # tiles: dr r = (dr e^{-c}) r~, and so on), so they need no registers for the rest of the chunk.
-    c_last, e_c, e_cp, e_nc, e_end, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
+    c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
         r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
     dS = dS * tl.math.exp2(c_last)[None, :]                                              # dS'
     u = _chunk_u(S0, v_, at, m_ak, a_inv, PREC, PREC_S)                                   # [L, N]
