@@ -523,6 +523,9 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 # through tensor descriptors (bulk copies, no per-element addresses; without cu_seqlens only), which also lets the
 # compiler fetch a chunk's tiles during the previous one: on an H200 the forward alone 2-8% faster with 512
 # programs (B=8, H=64), a training step the same, and the forward 12% slower with 96 (B=8, H=12): off.
+# *_stages: Triton's software pipelining of the chunk loop; it fetches the next chunk's tiles early, but the
+# pointers it carries for them cost registers that the sequential kernels do not have: on an H200 the forward
+# with 1 stage 3.77 ms against 4.34 with 2 (23 against 60 spill stores a chunk; the fused backward: 1 stage too).
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
 # accurate at three times the work; "bf16x3", as accurate here, hi and lo bf16 parts and three bf16 products, at
 # half tf32x3's tensor-core work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
@@ -681,9 +684,9 @@ def _fused_backward(programs, device):
     """Whether the backward runs fused (CONFIG bwd "fused"), split ("split") or, with "auto", fused when its
     `programs` (sequences x heads) fill the GPU: each multiprocessor holds two of them at a time (255 registers
     a thread) and the pass takes as long as its waves of programs, so fused wins when every wave is at least 90%
-    full. On an H200 at B=8, T=4096 (docs/benchmarks.md): with 512 programs (H=64) the op's forward+backward
-    14.3 ms fused against 14.9 split, with 256 (H=32) a block at C=2048 42.5 against 42.9, with 96 (H=12) a block
-    at C=768 18.4 against 16.7."""
+    full. On an H200 at B=8, T=4096 (docs/benchmarks.md, 2026-12-02): with 512 programs (H=64) the op's
+    forward+backward 11.1-11.2 ms fused against 13.2 split, with 256 (H=32) a block at C=2048 41.2 against 42.0,
+    with 96 (H=12) a block at C=768 16.9 against 16.3."""
     mode = CONFIG["bwd"]
     if mode != "auto" or device.type != "cuda":
         return mode != "split"

@@ -7,11 +7,14 @@ stack: bytes per thread spilled to local memory), the shared memory a launch ask
 launch fails above the GPU's 232,448 bytes), and counts in its machine code (`cuobjdump -sass`; static counts,
 each loop body once): all instructions (predicated ones included), tensor-core ones (HMMA, and Hopper's HGMMA),
 barriers (BAR), and spill stores and loads (STL, LDL). A quick check of a kernel change or of a CONFIG variant before
-spending GPU time on it; the kernels do the same work per chunk step however many steps run, so fewer instructions
-and barriers in a loop body are a fair first sign of a faster kernel, not a timing.
+spending GPU time on it; the kernels do the same work per chunk step however many steps run, so fewer spills, then
+fewer instructions and barriers in a loop body are a fair first sign of a faster kernel, not a timing (on an H200
+the spills weighed most: docs/benchmarks.md). The machine code depends on the Triton version: to see what a GPU
+with another Triton runs, put that version first on the path.
 
     python scripts/kernel_registers.py                                        # the defaults
     python scripts/kernel_registers.py '{"chunk": 32, "bwd_warps": 8}'         # CONFIG overrides (JSON)
+    pip install --no-deps --target /tmp/t36 triton==3.6.0 && PYTHONPATH=/tmp/t36 python scripts/kernel_registers.py
 """
 import json
 import os
@@ -101,7 +104,7 @@ def report(fn, kernel, flags):
 
 def main():
     K.CONFIG.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
-    print(f"sm_90, N={N}, CONFIG {json.dumps(K.CONFIG)}")
+    print(f"sm_90, N={N}, Triton {triton.__version__}, CONFIG {json.dumps(K.CONFIG)}")
     print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s} "
           f"{'instructions':>12s} {'tensor core':>11s} {'barriers':>8s} {'spill st/ld':>13s}")
     kept, tma = K.CONFIG["keep_mats"], K.CONFIG["tma"]
