@@ -90,10 +90,12 @@ def _sums_to_end(x, L: tl.constexpr):
 
 
 @triton.jit
-def _mats_at(mats, slot, L: tl.constexpr):
+def _mats_at(mats, slot, L: tl.constexpr, TRANS: tl.constexpr = False):
     """Where chunk-state slot `slot` (times H, plus the head) keeps its [4, L, L] matrices in `mats`: (I - M_ab)^{-1},
-    M_ak, M_rb, M_rk at this pointer plus 0, 1, 2, 3 times L * L."""
+    M_ak, M_rb, M_rk at this pointer plus 0, 1, 2, 3 times L * L (with TRANS, their transposes' offsets)."""
     o_t = tl.arange(0, L)
+    if TRANS:
+        return mats + slot * 4 * L * L + o_t[None, :] * L + o_t[:, None]
     return mats + slot * 4 * L * L + o_t[:, None] * L + o_t[None, :]
 
 
@@ -142,21 +144,32 @@ def _chunk_prep(r_, w_, k_, a_, b_, mats, slot, L: tl.constexpr, PREC: tl.conste
 
 
 @triton.jit
-def _chunk_u(S, v_, at, m_ak, a_inv, PREC: tl.constexpr, PREC_S: tl.constexpr):
-    """U = (I - M_ab)^{-1} (A~ S_0^T + M_ak V); row t is u_t = S_{t-1} a_t."""
-    return _mm(a_inv, _mm(m_ak, v_, PREC, _mm(at, tl.trans(S), PREC_S)), PREC)
+def _mats_t(mats, slot, a_inv, m_ak, m_rb, m_rk, L: tl.constexpr, KEPT: tl.constexpr):
+    """The transposes of a chunk's four matrices. Kept ones are read transposed (lines just read, so from cache),
+    which costs the backward fewer instructions and registers than transposing them in registers."""
+    if KEPT:
+        p = _mats_at(mats, slot, L, True)
+        return tl.load(p), tl.load(p + L * L), tl.load(p + 2 * L * L), tl.load(p + 3 * L * L)
+    return tl.trans(a_inv), tl.trans(m_ak), tl.trans(m_rb), tl.trans(m_rk)
 
 
 @triton.jit
-def _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
-    """Y = R~ S_0^T + M_rb U + M_rk V."""
-    return _mm(m_rk, v_, PREC_RKV, _mm(m_rb, u, PREC, _mm(rt, tl.trans(S), PREC_RS)))
+def _chunk_u(S_t, v_, at, m_ak, a_inv, PREC: tl.constexpr, PREC_S: tl.constexpr):
+    """U = (I - M_ab)^{-1} (A~ S_0^T + M_ak V), given S_0^T (S_t); row t is u_t = S_{t-1} a_t."""
+    return _mm(a_inv, _mm(m_ak, v_, PREC, _mm(at, S_t, PREC_S)), PREC)
 
 
 @triton.jit
-def _chunk_dx(ds_l, dy_, bh, m_rb, a_inv, PREC: tl.constexpr, PREC_S: tl.constexpr):
-    """dX = (I - M_ab)^{-T} (M_rb^T dY + B^ dS'^T), given dS' = dS diag(e^{c_L}) (ds_l) and B^ (bh)."""
-    return _mm(tl.trans(a_inv), _mm(bh, tl.trans(ds_l), PREC_S, _mm(tl.trans(m_rb), dy_, PREC)), PREC)
+def _chunk_y(S_t, u, v_, rt, m_rb, m_rk, PREC: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+    """Y = R~ S_0^T + M_rb U + M_rk V, given S_0^T (S_t)."""
+    return _mm(m_rk, v_, PREC_RKV, _mm(m_rb, u, PREC, _mm(rt, S_t, PREC_RS)))
+
+
+@triton.jit
+def _chunk_dx(ds_l, dy_, bh, m_rb_t, a_inv_t, PREC: tl.constexpr, PREC_S: tl.constexpr):
+    """dX = (I - M_ab)^{-T} (M_rb^T dY + B^ dS'^T), given dS' = dS diag(e^{c_L}) (ds_l), B^ (bh) and the
+    transposes of (I - M_ab)^{-1} and M_rb (see _mats_t)."""
+    return _mm(a_inv_t, _mm(bh, tl.trans(ds_l), PREC_S, _mm(m_rb_t, dy_, PREC)), PREC)
 
 
 @triton.jit
@@ -303,9 +316,9 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
                 _store_mats(mats, slot, a_inv, m_ak, m_rb, m_rk, L)
         # PREC_S: the products that read or write the state; PREC: the chunk-internal ones; PREC_RS, PREC_RK and
         # PREC_RKV: the three that carry the output's largest terms (see CONFIG)
-        u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)                                # [L, BV]
+        u = _chunk_u(tl.trans(S), v_, at, m_ak, a_inv, PREC, PREC_S)                      # [L, BV]
         if STORE_Y:
-            y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
+            y_ = _chunk_y(tl.trans(S), u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
             _store_tile(y, y_, TMA, i_n, ic * L, i_h, i_v * BV, p_v, m_t, L, BV)
 
         S = _mm(tl.trans(v_), kh, PREC_S, _mm(tl.trans(u), bh, PREC_S, S)) * tl.math.exp2(c_last)[None, :]
@@ -352,11 +365,11 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_of
     o_k = tl.arange(0, N)
     r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
-    S = tl.load(states + slot * N * N + o_k[:, None] * N + o_k[None, :])
+    S_t = tl.load(states + slot * N * N + o_k[None, :] * N + o_k[:, None])              # S_0^T
     c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
         r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
-    u = _chunk_u(S, v_, at, m_ak, a_inv, PREC, PREC_S)
-    y_ = _chunk_y(S, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
+    u = _chunk_u(S_t, v_, at, m_ak, a_inv, PREC, PREC_S)
+    y_ = _chunk_y(S_t, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
     tl.store(y + p_k, y_.to(y.dtype.element_ty), mask=m_t[:, None])
 
 
@@ -393,8 +406,9 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
         c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, mats, (slot0 + ic) * H + i_h, L, PREC, INV, PREC_INV, PREC_RK,
             KEPT)                                                       # the unused ones are compiled away
+        a_inv_t, m_ak_t, m_rb_t, m_rk_t = _mats_t(mats, (slot0 + ic) * H + i_h, a_inv, m_ak, m_rb, m_rk, L, KEPT)
         dS = dS * tl.math.exp2(c_last)[None, :]                                          # dS'
-        dx = _chunk_dx(dS, dy_, bh, m_rb, a_inv, PREC, PREC_S)
+        dx = _chunk_dx(dS, dy_, bh, m_rb_t, a_inv_t, PREC, PREC_S)
         dS += _mm(tl.trans(dy_), rt, PREC_S) + _mm(tl.trans(dx), at, PREC_S)
 
     if STORE_DS0:
@@ -402,11 +416,12 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
 
 
 @triton.jit
-def _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_t, dr, dw, dk, dv, da, db,
+def _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p_k, m_t, dr, dw, dk, dv, da, db,
                  L: tl.constexpr, KEPT: tl.constexpr, PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr,
                  PREC_INV: tl.constexpr, PREC_RK: tl.constexpr):
-    """Stores every input gradient of one chunk, given its entering state S0, dS at its exit and g_end = d/dc_L
-    (sum_i S_L dS), and returns dS and g_end at its entry (the previous chunk's exit; see the module docstring)."""
+    """Stores every input gradient of one chunk, given its entering state S0 (and S0_t, its transpose), dS at its
+    exit and g_end = d/dc_L (sum_i S_L dS), and returns dS and g_end at its entry (the previous chunk's exit; see the
+    module docstring)."""
     o_t = tl.arange(0, L)
     strict = o_t[:, None] > o_t[None, :]
     incl = o_t[:, None] >= o_t[None, :]
@@ -417,9 +432,10 @@ def _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_
     c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
         r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
     dS = dS * tl.math.exp2(c_last)[None, :]                                              # dS'
-    u = _chunk_u(S0, v_, at, m_ak, a_inv, PREC, PREC_S)                                   # [L, N]
-    dx = _chunk_dx(dS, dy_, bh, m_rb, a_inv, PREC, PREC_S)
-    dv_ = _mm(tl.trans(m_rk), dy_, PREC) + _mm(kh, tl.trans(dS), PREC_S) + _mm(tl.trans(m_ak), dx, PREC)
+    a_inv_t, m_ak_t, m_rb_t, m_rk_t = _mats_t(mats, slot, a_inv, m_ak, m_rb, m_rk, L, KEPT)
+    u = _chunk_u(S0_t, v_, at, m_ak, a_inv, PREC, PREC_S)                                 # [L, N]
+    dx = _chunk_dx(dS, dy_, bh, m_rb_t, a_inv_t, PREC, PREC_S)
+    dv_ = _mm(m_rk_t, dy_, PREC) + _mm(kh, tl.trans(dS), PREC_S) + _mm(m_ak_t, dx, PREC)
     tl.store(dv + p_k, dv_.to(dv.dtype.element_ty), mask=m_2d)
     dm_rb = tl.where(incl, _mm(dy_, tl.trans(u), PREC), 0.0)
     dm_rk = tl.where(incl, _mm(dy_, tl.trans(v_), PREC), 0.0)
@@ -465,13 +481,14 @@ def _wkv7_bwd_chunk_kernel(r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, 
         return
     o_k = tl.arange(0, N)
     p_state = o_k[:, None] * N + o_k[None, :]
+    p_state_t = o_k[None, :] * N + o_k[:, None]          # the transposed state: read again, not transposed here
     r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0)
     dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0)
     dS = tl.load(dstates + (slot + H) * N * N + p_state)
     g_end = tl.sum(tl.load(states + (slot + H) * N * N + p_state) * dS, axis=0)         # d/dc_L
-    S0 = tl.load(states + slot * N * N + p_state)
-    _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_t, dr, dw, dk, dv, da, db,
+    S0, S0_t = tl.load(states + slot * N * N + p_state), tl.load(states + slot * N * N + p_state_t)
+    _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p_k, m_t, dr, dw, dk, dv, da, db,
                  L, KEPT, PREC, PREC_S, INV, PREC_INV, PREC_RK)       # the entering dS, g_end it returns: unused
 
 
@@ -488,6 +505,7 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
     o_t = tl.arange(0, L)
     o_k = tl.arange(0, N)
     p_state = o_k[:, None] * N + o_k[None, :]
+    p_state_t = o_k[None, :] * N + o_k[:, None]          # the transposed state: read again, not transposed here
     if HAS_DHT:
         dS = tl.load(dht + (i_n.to(tl.int64) * H + i_h) * N * N + p_state).to(tl.float32)
         g_end = tl.sum(tl.load(states + ((slot0 + n_chunks) * H + i_h) * N * N + p_state) * dS, axis=0)
@@ -504,8 +522,8 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
         v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0)
         dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0)
         slot = (slot0 + ic) * H + i_h
-        S0 = tl.load(states + slot * N * N + p_state)
-        dS, g_end = _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, dS, g_end, mats, slot, p_k, m_t,
+        S0, S0_t = tl.load(states + slot * N * N + p_state), tl.load(states + slot * N * N + p_state_t)
+        dS, g_end = _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p_k, m_t,
                                  dr, dw, dk, dv, da, db, L, KEPT, PREC, PREC_S, INV, PREC_INV, PREC_RK)
 
     if STORE_DS0:
