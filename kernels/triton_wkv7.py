@@ -78,13 +78,17 @@ def _tf32_part(x):
 
 
 @triton.jit
-def _sums_to_end(x, L: tl.constexpr):
-    """Sums of an [L, W] tile over the steps from each step to the chunk's end, as products with a triangular
-    matrix of ones (x split in two tf32 parts: float32-accurate): on the tensor cores, where tl.cumsum's scan is a
-    chain of lane shuffles (in the backward's registers, fewer instructions; the forward's c stays a tl.cumsum,
-    which ran faster there)."""
+def _step_sums(x, L: tl.constexpr, TO_END: tl.constexpr):
+    """Sums of an [L, W] tile over the steps from the chunk's start to each step, or (TO_END) from each step to the
+    chunk's end, as products with a triangular matrix of ones (x split in two tf32 parts: float32-accurate). On the
+    tensor cores, where tl.cumsum's scan is a chain of lane shuffles, and the sums come out in a product's register
+    layout, the one the backward's other tiles are in, so they need no conversion through shared memory (the
+    forward's c stays a tl.cumsum: its static count had more spills this way, and a version timed slower)."""
     o = tl.arange(0, L)
-    ones = tl.where(o[:, None] <= o[None, :], 1.0, 0.0)
+    if TO_END:
+        ones = tl.where(o[:, None] <= o[None, :], 1.0, 0.0)
+    else:
+        ones = tl.where(o[:, None] >= o[None, :], 1.0, 0.0)
     x_hi = _tf32_part(x)
     return tl.dot(ones, x - x_hi, tl.dot(ones, x_hi, input_precision="tf32"), input_precision="tf32")
 
@@ -111,16 +115,20 @@ def _store_mats(mats, slot, a_inv, m_ak, m_rb, m_rk, L: tl.constexpr):
 
 @triton.jit
 def _chunk_prep(r_, w_, k_, a_, b_, mats, slot, L: tl.constexpr, PREC: tl.constexpr, INV: tl.constexpr,
-                PREC_INV: tl.constexpr, PREC_RK: tl.constexpr, KEPT: tl.constexpr):
+                PREC_INV: tl.constexpr, PREC_RK: tl.constexpr, KEPT: tl.constexpr, SCAN: tl.constexpr):
     """Decay-scaled chunk inputs, the four [L, L] interaction matrices and (I - M_ab)^{-1}; with KEPT the
     matrices are read from `mats` at `slot`, where the forward wrote them (CONFIG keep_mats), not computed. c_last
-    is log2 of the chunk's decay product (e^{c_L} = 2^{c_last})."""
+    is log2 of the chunk's decay product (e^{c_L} = 2^{c_last}). c by tl.cumsum with SCAN, else see _step_sums."""
     o_t = tl.arange(0, L)
     strict = o_t[:, None] > o_t[None, :]
     incl = o_t[:, None] >= o_t[None, :]
     w2 = w_ * 1.4426950408889634            # c and c_last in base 2: exp2 is one instruction, exp is not
-    c = tl.cumsum(w2, axis=0)
-    c_last = tl.sum(w2, axis=0)
+    if SCAN:
+        c = tl.cumsum(w2, axis=0)
+        c_last = tl.sum(w2, axis=0)
+    else:
+        c = _step_sums(w2, L, False)
+        c_last = tl.sum(tl.where(o_t[:, None] == L - 1, c, 0.0), axis=0)      # c's last row, in c's layout
     e_c = tl.math.exp2(c)
     e_cp = tl.math.exp2(c - w2)
     e_nc = tl.math.exp2(-c)
@@ -307,7 +315,7 @@ def _wkv7_fwd_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chun
 
         slot = (slot0 + ic) * H + i_h
         c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-            r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, False)
+            r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, False, True)
 
         if STORE_STATES:
             _store_state(states, S, TMA, slot0 + ic, i_h, H, i_v * BV, p_state, BV, N)
@@ -367,7 +375,7 @@ def _wkv7_fwd_out_kernel(r, w, k, v, a, b, y, states, mats, cu_seqlens, chunk_of
     v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0).to(tl.float32)
     S_t = tl.load(states + slot * N * N + o_k[None, :] * N + o_k[:, None])              # S_0^T
     c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-        r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
+        r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT, False)
     u = _chunk_u(S_t, v_, at, m_ak, a_inv, PREC, PREC_S)
     y_ = _chunk_y(S_t, u, v_, rt, m_rb, m_rk, PREC, PREC_RS, PREC_RKV)
     tl.store(y + p_k, y_.to(y.dtype.element_ty), mask=m_t[:, None])
@@ -405,7 +413,7 @@ def _wkv7_bwd_state_kernel(r, w, k, a, b, dy, mats, dht, dstates, ds0, cu_seqlen
         dy_ = tl.load(dy + row[:, None] + o_v[None, :], mask=m_t[:, None], other=0.0)
         c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
             r_, w_, k_, a_, b_, mats, (slot0 + ic) * H + i_h, L, PREC, INV, PREC_INV, PREC_RK,
-            KEPT)                                                       # the unused ones are compiled away
+            KEPT, False)                                                       # the unused ones are compiled away
         a_inv_t, m_ak_t, m_rb_t, m_rk_t = _mats_t(mats, (slot0 + ic) * H + i_h, a_inv, m_ak, m_rb, m_rk, L, KEPT)
         dS = dS * tl.math.exp2(c_last)[None, :]                                          # dS'
         dx = _chunk_dx(dS, dy_, bh, m_rb_t, a_inv_t, PREC, PREC_S)
@@ -430,7 +438,7 @@ def _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p
     # The raw tiles r, k, a, b are not used past _chunk_prep (their gradients' parts of dw come from the scaled
     # tiles: dr r = (dr e^{-c}) r~, and so on), so they need no registers for the rest of the chunk.
     c_last, e_c, e_cp, e_nc, at, rt, bh, kh, a_inv, m_ak, m_rb, m_rk = _chunk_prep(
-        r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT)
+        r_, w_, k_, a_, b_, mats, slot, L, PREC, INV, PREC_INV, PREC_RK, KEPT, False)
     dS = dS * tl.math.exp2(c_last)[None, :]                                              # dS'
     a_inv_t, m_ak_t, m_rb_t, m_rk_t = _mats_t(mats, slot, a_inv, m_ak, m_rb, m_rk, L, KEPT)
     u = _chunk_u(S0_t, v_, at, m_ak, a_inv, PREC, PREC_S)                                 # [L, N]
@@ -462,7 +470,7 @@ def _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p
     tl.store(dk + p_k, (x * e_nc).to(dk.dtype.element_ty), mask=m_2d)
     g -= x * kh                                                                           # dk k
     g_s -= kh * v_ds
-    dw_ = _sums_to_end(g, L) - da_a + g_end[None, :]
+    dw_ = _step_sums(g, L, True) - da_a + g_end[None, :]
     tl.store(dw + p_k, dw_.to(dw.dtype.element_ty), mask=m_2d)
     d_s0 = dS + _mm(tl.trans(dy_), rt, PREC_S) + _mm(tl.trans(dx), at, PREC_S)
     return d_s0, g_end + tl.sum(g_s, axis=0)
