@@ -218,6 +218,27 @@ def _inverse_blocked(m, L: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
+def _prefetch(p):
+    """Asks the L2 cache for the lines at pointers p without waiting for them (PTX prefetch.global.L2)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [p], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows(x, row, N: tl.constexpr):
+    """Prefetches the [len(row), N] tile of x whose rows start at offsets `row`: one address per 128-byte line."""
+    BITS: tl.constexpr = x.dtype.element_ty.primitive_bitwidth
+    LINES: tl.constexpr = (N * BITS + 1023) // 1024
+    _prefetch(x + row[:, None] + (tl.arange(0, LINES) * (1024 // BITS))[None, :])
+
+
+@triton.jit
+def _prefetch_block(x, start, FLOATS: tl.constexpr):
+    """Prefetches FLOATS contiguous float32 values of x from offset `start`."""
+    _prefetch(x + start + tl.arange(0, FLOATS // 32) * 32)
+
+
+@triton.jit
 def _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, L: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Token range of sequence i_n in the flattened [B*T] axis, its chunk count and its first state slot."""
     if IS_VARLEN:
@@ -505,7 +526,8 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
                            chunk_offsets, T, H, N: tl.constexpr, L: tl.constexpr,
                            HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, KEPT: tl.constexpr, IS_VARLEN: tl.constexpr,
                            PREC: tl.constexpr, PREC_S: tl.constexpr, INV: tl.constexpr, PREC_INV: tl.constexpr,
-                           PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr):
+                           PREC_RK: tl.constexpr, PREC_RS: tl.constexpr, PREC_RKV: tl.constexpr,
+                           PREFETCH: tl.constexpr):
     """The fused backward, in one pass: one program per (sequence, head) walks the chunks in reverse carrying
     dS = dLoss/dS at the current chunk's exit and g_end = sum_i S_L dS there (stepped back from the chunk's own
     products: see the module docstring), and stores every input gradient of each chunk."""
@@ -531,6 +553,19 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
         dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0)
         slot = (slot0 + ic) * H + i_h
         S0, S0_t = tl.load(states + slot * N * N + p_state), tl.load(states + slot * N * N + p_state_t)
+        if PREFETCH:                                  # the chunk PREFETCH steps on (see CONFIG prefetch)
+            i_p = tl.maximum(ic - PREFETCH, 0)
+            row = ((bos + tl.minimum(i_p * L + o_t, seq_len - 1)) * H + i_h) * N     # in bounds: a real step
+            _prefetch_rows(r, row, N)
+            _prefetch_rows(w, row, N)
+            _prefetch_rows(k, row, N)
+            _prefetch_rows(a, row, N)
+            _prefetch_rows(b, row, N)
+            _prefetch_rows(v, row, N)
+            _prefetch_rows(dy, row, N)
+            _prefetch_block(states, ((slot0 + i_p) * H + i_h) * N * N, N * N)
+            if KEPT:
+                _prefetch_block(mats, ((slot0 + i_p) * H + i_h) * 4 * L * L, 4 * L * L)
         dS, g_end = _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p_k, m_t,
                                  dr, dw, dk, dv, da, db, L, KEPT, PREC, PREC_S, INV, PREC_INV, PREC_RK)
 
@@ -561,11 +596,15 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 # rounding (scripts/kernel_precision.py) found those three to be nearly all of plain tf32's error with decaying
 # states (1.21x the bf16 floor of y), and the forward's state products the rest when the state barely decays
 # (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
-# inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block").
+# inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block"). prefetch:
+# how many chunks ahead the fused backward asks the L2 cache for a chunk's inputs, state and matrices (0: off), so
+# that its loads, the largest wait left in it, wait on L2 rather than on memory: on an H200, forward+backward
+# 9.11-9.19 ms with 1 against 9.98-10.05 with 0 and 10.23 with 2. The forward did not gain from it (3.53 against
+# 3.56 ms, within noise): only the backward asks.
 CONFIG = dict(chunk=16, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4, fwd_stages=1, fwd_split=False,
               out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1, dstate_bv=64, dstate_warps=4,
               dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32", prec_s="bf16x3", prec_ds="tf32",
-              prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split", prec_rs="bf16x3", inv="block")
+              prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split", prec_rs="bf16x3", inv="block", prefetch=1)
 _PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_rs")
 
 
@@ -580,12 +619,16 @@ def _settings(N, kernel, device, dtype):
     precs = {key.upper(): c[key] for key in _PRECS if key != "prec_ds"}
     if kernel in ("bwd", "dstate", "grad"):
         precs["PREC_S"] = c["prec_ds"]
+    extra = {}
+    if kernel == "bwd":       # PTX prefetches: the interpreter has no use for them (nor a way to run them)
+        extra["PREFETCH"] = c["prefetch"] if device.type == "cuda" and not _interpreting() else 0
     if device.type != "cuda" or _interpreting():
         precs = {key: "split" if mode == "split" else "ieee" for key, mode in precs.items()}
-        return bv, dict(num_warps=1, INV=c["inv"], **precs)
+        return bv, dict(num_warps=1, INV=c["inv"], **precs, **extra)
     if dtype == torch.float32:
         precs = {key: mode if mode in ("ieee", "tf32x3") else "tf32x3" for key, mode in precs.items()}
-    return bv, dict(num_warps=c[kernel + "_warps"], num_stages=c[kernel + "_stages"], INV=c["inv"], **precs)
+    return bv, dict(num_warps=c[kernel + "_warps"], num_stages=c[kernel + "_stages"], INV=c["inv"], **precs,
+                    **extra)
 
 
 def _interpreting():
@@ -710,9 +753,9 @@ def _fused_backward(programs, device):
     """Whether the backward runs fused (CONFIG bwd "fused"), split ("split") or, with "auto", fused when its
     `programs` (sequences x heads) fill the GPU: each multiprocessor holds two of them at a time (255 registers
     a thread) and the pass takes as long as its waves of programs, so fused wins when every wave is at least 90%
-    full. On an H200 at B=8, T=4096 (docs/benchmarks.md, 2026-12-02): with 512 programs (H=64) the op's
-    forward+backward 11.1-11.2 ms fused against 13.2 split, with 256 (H=32) a block at C=2048 41.2 against 42.0,
-    with 96 (H=12) a block at C=768 16.9 against 16.3."""
+    full. On an H200 at B=8, T=4096 (docs/benchmarks.md, 2026-12-02, before CONFIG prefetch): with 512 programs
+    (H=64) the op's forward+backward 9.97-10.04 ms fused against 12.48 split, with 256 (H=32) a block at C=2048
+    40.1-40.3 against 41.7, with 96 (H=12) a block at C=768 16.5 against 15.8-16.1."""
     mode = CONFIG["bwd"]
     if mode != "auto" or device.type != "cuda":
         return mode != "split"
