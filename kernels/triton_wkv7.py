@@ -553,7 +553,7 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
         dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0)
         slot = (slot0 + ic) * H + i_h
         S0, S0_t = tl.load(states + slot * N * N + p_state), tl.load(states + slot * N * N + p_state_t)
-        if PREFETCH:                                  # the chunk PREFETCH steps on (see CONFIG prefetch)
+        if PREFETCH:                                  # the chunk PREFETCH chunks ahead (see CONFIG prefetch)
             i_p = tl.maximum(ic - PREFETCH, 0)
             row = ((bos + tl.minimum(i_p * L + o_t, seq_len - 1)) * H + i_h) * N     # in bounds: a real step
             _prefetch_rows(r, row, N)
