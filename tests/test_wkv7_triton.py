@@ -294,6 +294,14 @@ def test_bf16_on_gpu_within_the_bf16_floor(T, H, decay):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T,H,decay", [(200, 4, "near_1"), (1000, 4, "random")])
+def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(monkeypatch, T, H, decay):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "fused")    # at these sizes the automatic choice is split
+    check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_bf16_cu_seqlens_on_gpu():
     cu = torch.tensor([0, 1, 300, 301, 517], device="cuda", dtype=torch.int32)
     check_bf16_against_loop(B=1, T=517, H=2, N=64, cu_seqlens=cu)
