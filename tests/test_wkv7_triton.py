@@ -185,6 +185,14 @@ def test_fused_and_split_backward_are_exact(exact_fp32, monkeypatch, bwd):
     check_against_loop(B=2, T=37, H=2, N=16, decay="near_1")
 
 
+@pytest.mark.parametrize("g_resync", [1, 2])
+def test_fused_backward_is_exact_where_it_computes_the_decay_product_gradient_afresh(exact_fp32, monkeypatch,
+                                                                                     g_resync):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "fused")
+    monkeypatch.setitem(triton_wkv7.CONFIG, "g_resync", g_resync)       # 3 chunks: afresh at all, or one of them
+    check_against_loop(B=2, T=37, H=2, N=16, decay="near_1")
+
+
 @pytest.mark.skipif(not CUDA, reason="the rule reads the GPU's multiprocessor count")
 def test_auto_backward_is_fused_only_when_its_programs_fill_the_gpu(monkeypatch):
     monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "auto")
@@ -294,8 +302,9 @@ def test_bf16_on_gpu_within_the_bf16_floor(T, H, decay):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("T,H,decay", [(200, 4, "near_1"), (1000, 4, "random")])
+@pytest.mark.parametrize("T,H,decay", [(200, 4, "near_1"), (1000, 4, "random"), (4096, 2, "random")])
 def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(monkeypatch, T, H, decay):
+    """T = 4096: 256 chunks, where a rounding error carried from chunk to chunk adds up (dw's did, at 6.1e-3)."""
     monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "fused")    # at these sizes the automatic choice is split
     check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay)
 
