@@ -545,33 +545,35 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
         dS = tl.zeros([N, N], dtype=tl.float32)
         g_end = tl.zeros([N], dtype=tl.float32)
 
-    for i in range(0, n_chunks):
-        ic = n_chunks - 1 - i
-        tok = bos + ic * L + o_t
-        m_t = (ic * L + o_t) < seq_len
-        p_k = ((tok * H + i_h) * N)[:, None] + o_k[None, :]
-        r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
-        v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0)
-        dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0)
-        slot = (slot0 + ic) * H + i_h
-        S0, S0_t = tl.load(states + slot * N * N + p_state), tl.load(states + slot * N * N + p_state_t)
-        if PREFETCH:                                  # the chunk PREFETCH chunks ahead (see CONFIG prefetch)
-            i_p = tl.maximum(ic - PREFETCH, 0)
-            row = ((bos + tl.minimum(i_p * L + o_t, seq_len - 1)) * H + i_h) * N     # in bounds: a real step
-            _prefetch_rows(r, row, N)
-            _prefetch_rows(w, row, N)
-            _prefetch_rows(k, row, N)
-            _prefetch_rows(a, row, N)
-            _prefetch_rows(b, row, N)
-            _prefetch_rows(v, row, N)
-            _prefetch_rows(dy, row, N)
-            _prefetch_block(states, ((slot0 + i_p) * H + i_h) * N * N, N * N)
-            if KEPT:
-                _prefetch_block(mats, ((slot0 + i_p) * H + i_h) * 4 * L * L, 4 * L * L)
-        dS, g_end = _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p_k, m_t,
-                                 dr, dw, dk, dv, da, db, L, KEPT, PREC, PREC_S, INV, PREC_INV, PREC_RK)
-        if i % RESYNC == RESYNC - 1:       # S_0 read again (a cache hit), transposed: one layout conversion
-            g_end = tl.sum(tl.load(states + slot * N * N + p_state_t) * tl.trans(dS), axis=1)
+    for i0 in range(0, n_chunks, RESYNC):          # groups of RESYNC chunks, g_end afresh after each (CONFIG
+        for i in range(i0, tl.minimum(i0 + RESYNC, n_chunks)):      # g_resync; a branch in one loop: more spills)
+            ic = n_chunks - 1 - i
+            tok = bos + ic * L + o_t
+            m_t = (ic * L + o_t) < seq_len
+            p_k = ((tok * H + i_h) * N)[:, None] + o_k[None, :]
+            r_, w_, k_, a_, b_ = _load_keys(r, w, k, a, b, False, 0, 0, 0, p_k, m_t, L, N)
+            v_ = tl.load(v + p_k, mask=m_t[:, None], other=0.0)
+            dy_ = tl.load(dy + p_k, mask=m_t[:, None], other=0.0)
+            slot = (slot0 + ic) * H + i_h
+            S0, S0_t = tl.load(states + slot * N * N + p_state), tl.load(states + slot * N * N + p_state_t)
+            if PREFETCH:                                  # the chunk PREFETCH chunks ahead (see CONFIG prefetch)
+                i_p = tl.maximum(ic - PREFETCH, 0)
+                row = ((bos + tl.minimum(i_p * L + o_t, seq_len - 1)) * H + i_h) * N     # in bounds: a real step
+                _prefetch_rows(r, row, N)
+                _prefetch_rows(w, row, N)
+                _prefetch_rows(k, row, N)
+                _prefetch_rows(a, row, N)
+                _prefetch_rows(b, row, N)
+                _prefetch_rows(v, row, N)
+                _prefetch_rows(dy, row, N)
+                _prefetch_block(states, ((slot0 + i_p) * H + i_h) * N * N, N * N)
+                if KEPT:
+                    _prefetch_block(mats, ((slot0 + i_p) * H + i_h) * 4 * L * L, 4 * L * L)
+            dS, g_end = _chunk_grads(r_, w_, k_, v_, a_, b_, dy_, S0, S0_t, dS, g_end, mats, slot, p_k, m_t,
+                                     dr, dw, dk, dv, da, db, L, KEPT, PREC, PREC_S, INV, PREC_INV, PREC_RK)
+        # S_0 of the group's last chunk read again (a cache hit), transposed: one layout conversion
+        g_end = tl.sum(tl.load(states + ((slot0 + n_chunks - tl.minimum(i0 + RESYNC, n_chunks)) * H + i_h) * N * N
+                               + p_state_t) * tl.trans(dS), axis=1)
 
     if STORE_DS0:
         tl.store(ds0 + (i_n.to(tl.int64) * H + i_h) * N * N + p_state, dS)
@@ -608,7 +610,8 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 # g_L = sum_i (S_L dS)_i afresh in float32 rather than stepping it back through the chunk's tf32 products, whose
 # rounding adds up over the chunks (module docstring); on an H200, dw's error at the accuracy benchmark's T = 4096
 # 2.0e-3, 2.1e-3, 2.2e-3, 2.4e-3, 2.8e-3 and 6.1e-3 with 1, 4, 8, 16, 32 and never (the split backward's 2.0e-3),
-# forward+backward 9.68, 9.34, 9.31, 9.18-9.31, 9.29 and 9.30 ms.
+# forward+backward 9.68, 9.34, 9.31, 9.18-9.31, 9.29 and 9.30 ms (with a branch in the chunk loop; the nested loops
+# that replaced it: 9.25-9.38 at 8, against 9.41 in the same run).
 CONFIG = dict(chunk=16, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4, fwd_stages=1, fwd_split=False,
               out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1, dstate_bv=64, dstate_warps=4,
               dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32", prec_s="bf16x3", prec_ds="tf32",
