@@ -5,7 +5,9 @@
 
 accuracy: bf16 inputs (w in float32, as the model passes it), B=2 T=4096 H=8 N=64, against the float64 loop on
     the same (upcast) inputs: the output's relative L2 error next to the bf16 floor (the error of the float64
-    result itself rounded to bf16) and the relative L2 error of every gradient.
+    result itself rounded to bf16) and the relative L2 error of every gradient. A variant that leaves the backward
+    to the automatic choice is also checked with each backward forced: this shape (16 programs) runs the split
+    one, larger batches the fused one.
 speed: forward (no autograd) and forward+backward at B=8 T=4096 H=64 N=64, bf16, median of CUDA-event timings,
     side by side with flash-linear-attention's chunk_rwkv7 (if installed) at its fastest setting and with the
     chunked PyTorch path; the ratios, and the achieved bandwidth and FLOP rate of our kernels.
@@ -90,6 +92,17 @@ def grads_of(fn, xs, gy):
 
 
 # ------------------------------------------------------------------------------------------------- accuracy
+def each_backward(variants):
+    """The variants, each followed, where it leaves CONFIG bwd to the automatic choice, by its copies with the fused
+    and the split backward forced."""
+    out = []
+    for v in variants:
+        out.append(v)
+        if (v or {}).get("bwd", triton_wkv7.CONFIG["bwd"]) == "auto":
+            out += [dict(v or {}, bwd="fused"), dict(v or {}, bwd="split")]
+    return out
+
+
 def accuracy(variants, fla):
     B, T, H, N = 2, 4096, 8, 64
     xs = make_inputs(B, T, H, N, seed=1)
@@ -100,7 +113,8 @@ def accuracy(variants, fla):
     say(f"\n## accuracy: bf16 inputs, B={B} T={T} H={H} N={N}, vs float64 loop ({time.time() - t0:.1f} s)")
     say(f"bf16 floor of y (fp64 result rounded to bf16): {floor:.3e}")
     say(f"{'kernel':44s} {'y err':>9s} {'x floor':>7s}  " + " ".join(f"{'d' + n:>8s}" for n in "rwkvab"))
-    rows = [(f"ours {json.dumps(v)}", ours, v) for v in variants] + [("chunked torch (fp32 inside)", torch_path, None)]
+    rows = [(f"ours {json.dumps(v)}", ours, v) for v in each_backward(variants)]
+    rows.append(("chunked torch (fp32 inside)", torch_path, None))
     if fla is not None:
         rows.append(("fla 0.6.0 chunk_rwkv7 (chunk 64, safe_gate)", fla, None))
     results = []
