@@ -10,13 +10,15 @@ the chunk,
     Y = R~ S_0^T + M_rb U + M_rk V
     S_L = (S_0 + U^T B^ + V^T K^) diag(e^{c_L})
 
-Forward: one program per (sequence, head, block of BV value rows): rows of S (value index i) evolve independently,
-so the state block [BV, N] stays in float32 registers while the program walks its chunks in order; it writes
-every chunk's entering state (and the final state) in float32. Backward, fused: one program per (sequence, head)
-walks the chunks in reverse carrying dS = dLoss/dS_L at the current chunk's exit; at each chunk, given S_0 (read
-from the forward's states), it differentiates the formulas above by hand, stores the chunk's gradients and steps dS
-back. Or split, in two launches: a sequential pass carrying only dS (rows of dS are independent, like those of S)
-stores it at every chunk's exit, then one program per chunk does the same differentiation from S_0, S_L and dS:
+Forward (on the GPU for bf16 inputs and N = 64, gluon_wkv7.py's kernel computes the same buffers faster: CONFIG
+fwd_gluon): one program per (sequence, head, block of BV value rows): rows of S (value index i) evolve
+independently, so the state block [BV, N] stays in float32 registers while the program walks its chunks in order;
+it writes every chunk's entering state (and the final state) in float32. Backward, fused: one program per
+(sequence, head) walks the chunks in reverse carrying dS = dLoss/dS_L at the current chunk's exit; at each chunk,
+given S_0 (read from the forward's states), it differentiates the formulas above by hand, stores the chunk's
+gradients and steps dS back. Or split, in two launches: a sequential pass carrying only dS (rows of dS are
+independent, like those of S) stores it at every chunk's exit, then one program per chunk does the same
+differentiation from S_0, S_L and dS:
 
     dS' = dS diag(e^{c_L});  dU = M_rb^T dY + B^ dS'^T;  dX = (I - M_ab)^{-T} dU
     dV = M_rk^T dY + K^ dS'^T + M_ak^T dX;  dS_0 = dS' + dY^T R~ + dX^T A~
@@ -579,7 +581,10 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
         tl.store(ds0 + (i_n.to(tl.int64) * H + i_h) * N * N + p_state, dS)
 
 
-# GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. The kernels: the forward
+# GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. fwd_gluon: the forward runs
+# gluon_wkv7's kernel where it applies (see _gluon_forward; the fwd_* settings, fwd_split and tma are the Triton
+# forward's): on an H200 at B=8 T=4096 H=64 the training forward 2.02 ms against 3.74, forward+backward 7.38
+# against 9.13 (docs/benchmarks.md). The kernels: the forward
 # (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
 # the outputs from them) and the backward: bwd "fused" (bwd_*), "split" into the sequential dS pass (dstate_*) and
 # the chunk-parallel gradient pass (grad_*), or "auto" (see _fused_backward). chunk: steps per chunk (16, 32 or
@@ -612,11 +617,11 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 # 2.0e-3, 2.1e-3, 2.2e-3, 2.4e-3, 2.8e-3 and 6.1e-3 with 1, 4, 8, 16, 32 and never (the split backward's 2.0e-3),
 # forward+backward 9.68, 9.34, 9.31, 9.18-9.31, 9.29 and 9.30 ms (with a branch in the chunk loop; the nested loops
 # that replaced it: 9.25-9.38 at 8, against 9.41 in the same run).
-CONFIG = dict(chunk=16, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4, fwd_stages=1, fwd_split=False,
-              out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1, dstate_bv=64, dstate_warps=4,
-              dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32", prec_s="bf16x3", prec_ds="tf32",
-              prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split", prec_rs="bf16x3", inv="block", prefetch=1,
-              g_resync=8)
+CONFIG = dict(chunk=16, fwd_gluon=True, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4, fwd_stages=1,
+              fwd_split=False, out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1, dstate_bv=64,
+              dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32", prec_s="bf16x3",
+              prec_ds="tf32", prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split", prec_rs="bf16x3", inv="block",
+              prefetch=1, g_resync=8)
 _PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_rs")
 
 
@@ -719,6 +724,13 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
             if store_states and CONFIG["keep_mats"] else None)
     ht = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32)
     split = store_states and CONFIG["fwd_split"]
+    if _gluon_forward(r, k, v, a, b, L, split):
+        from .gluon_wkv7 import wkv7_fwd_gluon_kernel
+        wkv7_fwd_gluon_kernel[(layout.n_seq * H,)](
+            r, w, k, v, a, b, y, initial_state, states, mats, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T,
+            H, N=N, L=L, HAS_S0=initial_state is not None, STORE_STATES=store_states, STORE_MATS=mats is not None,
+            IS_VARLEN=layout.is_varlen, num_warps=4)
+        return y, ht, states, mats
     BV, opts = _settings(N, "fwd", r.device, r.dtype)
     tma = _tma(layout, r.device)
     tr, tw, tk, ta, tb = _tiles(tma, L, (r, w, k, a, b), N)
@@ -734,6 +746,18 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
             r, w, k, v, a, b, y, states, mats, layout.cu_seqlens, layout.chunk_offsets, layout.chunk_docs,
             layout.n_seq, layout.T, H, N=N, L=L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen, **opts)
     return y, ht, states, mats
+
+
+def _gluon_forward(r, k, v, a, b, L, split):
+    """Whether the forward runs gluon_wkv7's kernel (CONFIG fwd_gluon): bf16 inputs (w any float), heads of 64,
+    chunks of 16, on a GPU with mma.sync (sm_80 on), not fwd_split, and a Triton whose Gluon it is written for
+    (3.6 and 3.7 are tested; Gluon's API changes between releases); the Triton kernel otherwise."""
+    return (CONFIG["fwd_gluon"] and r.is_cuda and not _interpreting() and not split and L == 16
+            and r.shape[-1] == 64 and all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b))
+            and _GLUON_TRITON and torch.cuda.get_device_capability(r.device)[0] >= 8)
+
+
+_GLUON_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)
 
 
 def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):

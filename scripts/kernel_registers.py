@@ -1,5 +1,5 @@
-"""Registers, spills and instruction counts of the WKV-7 Triton kernels, compiled for an H100 (sm_90) on any
-machine, no GPU needed.
+"""Registers, spills and instruction counts of the WKV-7 kernels (Triton, and the Gluon forward), compiled for an
+H100 (sm_90) on any machine, no GPU needed.
 
 Compiles each kernel with the launch settings of kernels/triton_wkv7.py's CONFIG (N = 64, bf16 inputs, no
 cu_seqlens) and prints the resource use that `cuobjdump -res-usage` reads from the cubin (registers per thread,
@@ -29,8 +29,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
+from rwkv7_kernels import gluon_wkv7  # noqa: E402
 from rwkv7_kernels import triton_wkv7 as K  # noqa: E402
 
 N = 64
@@ -78,15 +80,19 @@ def aligned(fn, sig):
 
 
 def report(fn, kernel, flags):
-    bv, opts = K._settings(N, kernel, _Cuda(), torch.bfloat16)
-    warps, stages = opts.pop("num_warps"), opts.pop("num_stages")
+    """Compiles one kernel ("gluon": gluon_wkv7's forward, 4 warps) and prints its line of the table."""
+    if kernel == "gluon":
+        bv, opts, warps, stages, source = N, {}, 4, 1, GluonASTSource
+    else:
+        bv, opts = K._settings(N, kernel, _Cuda(), torch.bfloat16)
+        warps, stages, source = opts.pop("num_warps"), opts.pop("num_stages"), ASTSource
     constants = dict(N=N, L=K.CONFIG["chunk"], IS_VARLEN=False, **opts, **flags)
     if "BV" in fn.arg_names:
         constants["BV"] = bv
     descs = descriptors(flags.get("TMA", False), K.CONFIG["chunk"], bv)
     sig = signature(fn, constants, descs)
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
-                    attrs=aligned(fn, sig))
+    src = source(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
+                 attrs=aligned(fn, sig))
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -108,6 +114,7 @@ def main():
     print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s} "
           f"{'instructions':>12s} {'tensor core':>11s} {'barriers':>8s} {'spill st/ld':>13s}")
     kept, tma = K.CONFIG["keep_mats"], K.CONFIG["tma"]
+    report(gluon_wkv7.wkv7_fwd_gluon_kernel, "gluon", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept))
     report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept, STORE_Y=True, TMA=tma))
     report(K._wkv7_bwd_fused_kernel, "bwd", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
     report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))

@@ -6,6 +6,10 @@ the error stays near 1e-7. With CUDA, bf16 checks at larger shapes hold the kern
 production settings.
 """
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,11 +266,11 @@ def test_backend_is_triton_on_cuda_and_torch_on_cpu():
 
 # ---- GPU: bf16 inputs (w in float32, as the model passes it), against the float64 loop on the upcast inputs ----
 
-def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None):
+def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None, initial_state=True):
     xs = make_inputs(B, T, H, N, decay, seed=7, device="cuda")
     xs = [x.float() if i == 1 else x.bfloat16() for i, x in enumerate(xs)]   # i == 1: w stays float32
     D = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    s0 = 0.5 * torch.randn(D, H, N, N, device="cuda", dtype=torch.float64)
+    s0 = (0.5 if initial_state else 0.0) * torch.randn(D, H, N, N, device="cuda", dtype=torch.float64)
     gy = torch.randn(B, T, H, N, device="cuda", dtype=torch.float64)
     gs = torch.randn(D, H, N, N, device="cuda", dtype=torch.float64)
     if cu_seqlens is None:
@@ -283,7 +287,7 @@ def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None):
             return torch.cat(ys, 1), torch.cat(ss)
     y_ref, s_ref, g_ref = run_and_grad(ref_fn, [x.double() for x in xs], s0, gy, gs)
     kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-    y, s, grads = run_and_grad(wkv7_triton, xs, s0.float(), gy, gs, **kw)
+    y, s, grads = run_and_grad(wkv7_triton, xs, s0.float() if initial_state else None, gy, gs, **kw)
     floor = rel_err(y_ref.bfloat16(), y_ref)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, y_ref) <= 1.2 * floor, (rel_err(y, y_ref), floor)
@@ -296,8 +300,17 @@ def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("T,H,decay", [(1, 1, "random"), (16, 1, "random"), (17, 3, "random"),
                                        (200, 4, "near_0.545"), (200, 4, "near_1"), (1000, 4, "random")])
-def test_bf16_on_gpu_within_the_bf16_floor(T, H, decay):
+@pytest.mark.parametrize("fwd_gluon", [True, False])
+def test_bf16_on_gpu_within_the_bf16_floor(monkeypatch, T, H, decay, fwd_gluon):
+    """Both forwards: the Gluon one (bf16, N = 64) and the Triton one (every other case) write the same buffers."""
+    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_gluon", fwd_gluon)
     check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_bf16_on_gpu_without_initial_state():
+    check_bf16_against_loop(B=2, T=300, H=3, N=64, initial_state=False)
 
 
 @pytest.mark.gpu
@@ -314,3 +327,18 @@ def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(monkeypatch, T, H, dec
 def test_bf16_cu_seqlens_on_gpu():
     cu = torch.tensor([0, 1, 300, 301, 517], device="cuda", dtype=torch.int32)
     check_bf16_against_loop(B=1, T=517, H=2, N=64, cu_seqlens=cu)
+
+
+def test_every_kernel_compiles_for_hopper_with_the_installed_triton():
+    """The GPU kernels build for an H100 (sm_90) with the Triton this project installs, no GPU needed (through
+    scripts/kernel_registers.py, outside the interpreter): on a machine without CUDA only the interpreter runs the
+    Triton kernels, and nothing at all runs the Gluon forward, an experimental Triton API that has changed between
+    releases."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_registers.py"
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"wkv7_fwd_gluon_kernel", "_wkv7_fwd_kernel", "_wkv7_bwd_fused_kernel",
+                         "_wkv7_bwd_state_kernel", "_wkv7_bwd_chunk_kernel"}
+    assert all(int(row[6]) > 0 for row in rows.values())         # tensor-core instructions in every kernel

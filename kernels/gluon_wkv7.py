@@ -1,0 +1,270 @@
+"""The WKV-7 training forward in Gluon (Triton's explicit-layout dialect) for bf16 inputs and N = 64.
+
+It computes what triton_wkv7._wkv7_fwd_kernel computes (y, every chunk's entering state, the chunks' kept
+matrices, the final state: the same buffers, so the backward kernels read them unchanged) with the chunk algebra
+of that module's docstring written with the state as the left operand of every product that reads or writes it
+(i: value index, rows of S; j: key index; t, s: steps of the chunk):
+
+    X^T = S A~^T + V^T M_ak^T,   U^T = X^T (I - M_ab)^{-T}            ([N, L]: row i of U^T is u_t's entry i)
+    Y^T = S R~^T + U^T M_rb^T + V^T M_rk^T,   S_L = (S + U^T B^ + V^T K^) diag(e^{c_L})
+
+Each of these products takes its left operand in the register layout its right-hand neighbour leaves it in (a
+product's accumulator is, entry for entry, the left operand of the next one: Gluon checks that no data moves), so
+the state's chain from one chunk to the next never goes through shared memory, and the state is stored from those
+registers. The right operands (the decay-scaled tiles and the [L, L] matrices, which do not depend on the state)
+go through shared memory once per chunk. Every product is a bf16 tensor-core product of float32 values split in
+a bf16 high and low part (three products, "bf16x3"; two where one side is a bf16 input, exact as it is): float32-
+accurate for the state's products, more accurate than triton_wkv7's tf32 for the chunk-internal ones.
+
+The four [L, L] matrices come from one product, [K^; B^] [A~; R~]^T = [[M_ak^T, M_rk^T], [M_ab^T, M_rb^T]]
+(masked to the steps each one keeps), one [16, 16] block per warp. The chunk's input tiles arrive through a ring
+of two shared-memory slots filled by asynchronous copies (cp.async), the next chunk's issued before this one's
+work, so that no chunk waits on memory and the copies hold no registers.
+
+Gluon has no interpreter: the CPU path and the interpreter tests run triton_wkv7's Triton forward, which computes
+the same buffers (tests/test_wkv7_triton.py holds both to the float64 loop on the GPU).
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+LOG2E = gl.constexpr(1.4426950408889634)
+
+
+@gluon.jit
+def _add(x, y):
+    return x + y
+
+
+@gluon.jit
+def _split(x):
+    """float32 x as the sum of two bf16 numbers: x truncated to its top 8 mantissa bits (a mask, exact in bf16),
+    then the rest (exact in float32) rounded to bf16."""
+    hi = (x.to(gl.int32, bitcast=True) & -65536).to(gl.float32, bitcast=True)
+    return hi.to(gl.bfloat16), (x - hi).to(gl.bfloat16)
+
+
+@gluon.jit
+def _left(x, layout: gl.constexpr):
+    """A product's float32 accumulator as the bf16 high and low parts of the next product's left operand: the
+    same registers (assert_trivial: Gluon refuses the conversion if any entry would move)."""
+    hi, lo = _split(x)
+    return gl.convert_layout(hi, layout, assert_trivial=True), gl.convert_layout(lo, layout, assert_trivial=True)
+
+
+@gluon.jit
+def _mm3(a_hi, a_lo, b_hi, b_lo, acc):
+    """acc + a b for float32 a, b given as bf16 parts: the small terms first, lo lo dropped (bf16x3)."""
+    return mma_v2(a_hi, b_hi, mma_v2(a_hi, b_lo, mma_v2(a_lo, b_hi, acc)))
+
+
+@gluon.jit
+def _mm3_wide(a_hi, a_lo, b_hi, b_lo, acc):
+    """_mm3 for a long inner dimension: the three products in separate accumulators, added at the end, so that the
+    tensor cores' chain of dependent steps is a third as long."""
+    zero = gl.zeros_like(acc)
+    return mma_v2(a_hi, b_hi, acc) + (mma_v2(a_hi, b_lo, zero) + mma_v2(a_lo, b_hi, zero))
+
+
+@gluon.jit
+def _mm2(a, b_hi, b_lo, acc):
+    """acc + a b for a bf16 a (exact) and float32 b given as bf16 parts."""
+    return mma_v2(a, b_hi, mma_v2(a, b_lo, acc))
+
+
+@gluon.jit
+def _store_parts(hi_buf, lo_buf, row0: gl.constexpr, rows: gl.constexpr, x):
+    """Writes the bf16 parts of float32 x into rows row0.. of two shared-memory buffers."""
+    hi, lo = _split(x)
+    hi_buf.slice(row0, rows).store(hi)
+    lo_buf.slice(row0, rows).store(lo)
+
+
+@gluon.jit
+def _block(buf, row0: gl.constexpr, col0: gl.constexpr, L: gl.constexpr, layout: gl.constexpr):
+    """The [L, L] block of a shared-memory [2L, 2L] matrix at (row0, col0), in `layout`."""
+    return buf.slice(row0, L, 0).slice(col0, L, 1).load(layout)
+
+
+@gluon.jit
+def _inverse_t(nt_hi, nt_lo, L: gl.constexpr, MS: gl.constexpr, AS: gl.constexpr, BS: gl.constexpr):
+    """(I - M_ab)^{-T} = (I - Nt)^{-1} for the strictly upper triangular Nt = M_ab^T (given as bf16 parts in the
+    right-operand layout BS), as a float32 [L, L] in the accumulator layout MS. The blocked inversion of
+    triton_wkv7._inverse_blocked, transposed: Z = I + Z Nt (Z commutes with Nt) solved column by column inside the
+    4x4 diagonal blocks, then merges doubling the block size, Z <- Z + (Z E) Z, E the entries of Nt in the same
+    2s-block but not the same s-block; every intermediate is a block of the inverse itself."""
+    o_s = gl.arange(0, L, layout=gl.SliceLayout(1, BS))
+    o_t = gl.arange(0, L, layout=gl.SliceLayout(0, BS))
+    o_r = gl.arange(0, L, layout=gl.SliceLayout(1, MS))
+    o_c = gl.arange(0, L, layout=gl.SliceLayout(0, MS))
+    zero = gl.zeros([L, L], gl.float32, MS)
+    blk4 = (o_s[:, None] // 4) == (o_t[None, :] // 4)
+    n4_hi = gl.where(blk4, nt_hi, 0.0)
+    n4_lo = gl.where(blk4, nt_lo, 0.0)
+    z = gl.where(o_r[:, None] == o_c[None, :], 1.0, 0.0)
+    for i in gl.static_range(1, 4):
+        z_hi, z_lo = _left(z, AS)
+        z = z + gl.where((o_c % 4 == i)[None, :], _mm3(z_hi, z_lo, n4_hi, n4_lo, zero), 0.0)
+    gl.static_assert(L == 16, "the Gluon forward takes chunks of 16 steps")
+    for level in gl.static_range(2, 4):                                      # block sizes 4, 8
+        inside = (o_s[:, None] >> (level + 1)) == (o_t[None, :] >> (level + 1))
+        same = (o_s[:, None] >> level) == (o_t[None, :] >> level)
+        e = inside & ~same
+        z_hi, z_lo = _left(z, AS)
+        p_hi, p_lo = _left(_mm3(z_hi, z_lo, gl.where(e, nt_hi, 0.0), gl.where(e, nt_lo, 0.0), zero), AS)
+        zr_hi, zr_lo = _split(z)
+        z = _mm3(p_hi, p_lo, gl.convert_layout(zr_hi, BS), gl.convert_layout(zr_lo, BS), z)
+    return z
+
+
+@gluon.jit
+def _fetch(x, buf, t0, bos, seq_len, H, i_h, L: gl.constexpr, N: gl.constexpr, layout: gl.constexpr):
+    """Starts copying steps t0.. of one [B, T, H, N] input's head i_h into the shared-memory tile buf (cp.async,
+    16 bytes a thread in `layout`; the steps past the sequence are filled with zeros)."""
+    o_t = gl.arange(0, L, layout=gl.SliceLayout(1, layout))
+    o_k = gl.arange(0, N, layout=gl.SliceLayout(0, layout))
+    p = (((bos + t0 + o_t) * H + i_h) * N)[:, None] + o_k[None, :]
+    async_copy.async_copy_global_to_shared(buf, x + p, mask=((t0 + o_t) < seq_len)[:, None])
+
+
+@gluon.jit
+def _fetch_chunk(r, w, k, v, a, b, raw, stage, t0, bos, seq_len, H, i_h, L: gl.constexpr, N: gl.constexpr,
+                 CP16: gl.constexpr, CPW: gl.constexpr):
+    """Starts copying one chunk's six input tiles into slot `stage` of their rings (raw: r, w, k, v, a, b, one
+    allocation each: writes to different allocations need no barrier between them), as one commit group."""
+    _fetch(r, raw[0].index(stage), t0, bos, seq_len, H, i_h, L, N, CP16)
+    _fetch(w, raw[1].index(stage), t0, bos, seq_len, H, i_h, L, N, CPW)
+    _fetch(k, raw[2].index(stage), t0, bos, seq_len, H, i_h, L, N, CP16)
+    _fetch(v, raw[3].index(stage), t0, bos, seq_len, H, i_h, L, N, CP16)
+    _fetch(a, raw[4].index(stage), t0, bos, seq_len, H, i_h, L, N, CP16)
+    _fetch(b, raw[5].index(stage), t0, bos, seq_len, H, i_h, L, N, CP16)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def wkv7_fwd_gluon_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chunk_offsets, T, H,
+                    N: gl.constexpr, L: gl.constexpr, HAS_S0: gl.constexpr, STORE_STATES: gl.constexpr,
+                    STORE_MATS: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """One program per (sequence, head), 4 warps, walking the chunks in order (see the module docstring); the
+    arguments are those of triton_wkv7._wkv7_fwd_kernel (pointers only, BV = N)."""
+    gl.static_assert(N == 64, "the Gluon forward takes heads of 64")
+    # MS: products with the state's 64 rows (16 a warp); MG: the [2L, 2L] matrix product (one block a warp);
+    # PREP: the chunk's [L, N] input tiles, 4 steps x 2 keys a thread (the step sums in 4-thread groups)
+    MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+    AS: gl.constexpr = gl.DotOperandLayout(0, MS, 2)
+    BS: gl.constexpr = gl.DotOperandLayout(1, MS, 2)
+    MG: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 2], instr_shape=[16, 8])
+    AG: gl.constexpr = gl.DotOperandLayout(0, MG, 2)
+    BG: gl.constexpr = gl.DotOperandLayout(1, MG, 2)
+    PREP: gl.constexpr = gl.BlockedLayout([4, 2], [4, 8], [1, 4], [1, 0])
+    SH_N: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    SH_L: gl.constexpr = gl.SwizzledSharedLayout(8, 2, 4, [1, 0])
+
+    i_n = gl.program_id(0) // H
+    i_h = gl.program_id(0) % H
+    if IS_VARLEN:
+        bos = gl.load(cu_seqlens + i_n).to(gl.int64)
+        seq_len = (gl.load(cu_seqlens + i_n + 1).to(gl.int64) - bos).to(gl.int32)
+        slot0 = gl.load(chunk_offsets + i_n).to(gl.int64) + i_n
+    else:
+        bos = i_n.to(gl.int64) * T
+        seq_len = T
+        slot0 = i_n.to(gl.int64) * (gl.cdiv(T, L) + 1)
+    n_chunks = gl.cdiv(seq_len, L)
+
+    o_i = gl.arange(0, N, layout=gl.SliceLayout(1, MS))           # rows of S, U^T, Y^T: value index
+    o_j = gl.arange(0, N, layout=gl.SliceLayout(0, MS))           # columns of S: key index
+    o_ty = gl.arange(0, L, layout=gl.SliceLayout(0, MS))          # columns of U^T, Y^T: steps
+    p_state = o_i[:, None] * N + o_j[None, :]
+    if HAS_S0:
+        S = gl.load(s0 + (i_n.to(gl.int64) * H + i_h) * N * N + p_state)
+    else:
+        S = gl.zeros([N, N], gl.float32, MS)
+    o_gr = gl.arange(0, 2 * L, layout=gl.SliceLayout(1, MG))
+    o_gc = gl.arange(0, 2 * L, layout=gl.SliceLayout(0, MG))
+    g_s = (o_gr % L)[:, None]
+    g_t = (o_gc % L)[None, :]
+    # M_ak^T and M_ab^T (left column: A~) keep s < t, M_rk^T and M_rb^T (right: R~) s <= t
+    g_keep = (g_s < g_t) | ((g_s == g_t) & (o_gc[None, :] >= L))
+    # where the kept matrices go (triton_wkv7._mats_at: (I - M_ab)^{-1}, M_ak, M_rb, M_rk): entry [s, t] of a block
+    # is entry [t, s] of its matrix; M_ab^T (lower left) is not kept
+    g_mat = gl.where(o_gr[:, None] < L, gl.where(o_gc[None, :] < L, 1, 3), 2)
+    g_off = g_mat * L * L + g_t * L + g_s
+    g_store = (o_gr[:, None] < L) | (o_gc[None, :] >= L)
+    z_off = o_ty[None, :] * L + gl.arange(0, L, layout=gl.SliceLayout(1, MS))[:, None]
+
+    # the chunk's input tiles: a ring of two slots in shared memory, the next chunk's copied in during this one
+    CP16: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    if w.dtype.element_ty == gl.float32:
+        CPW: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
+        SH_W: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
+    else:
+        CPW: gl.constexpr = CP16
+        SH_W: gl.constexpr = SH_N
+    raw = (gl.allocate_shared_memory(gl.bfloat16, [2, L, N], SH_N),
+           gl.allocate_shared_memory(w.dtype.element_ty, [2, L, N], SH_W),
+           gl.allocate_shared_memory(gl.bfloat16, [2, L, N], SH_N),
+           gl.allocate_shared_memory(gl.bfloat16, [2, L, N], SH_N),
+           gl.allocate_shared_memory(gl.bfloat16, [2, L, N], SH_N),
+           gl.allocate_shared_memory(gl.bfloat16, [2, L, N], SH_N))
+    kb_hi = gl.allocate_shared_memory(gl.bfloat16, [2 * L, N], SH_N)      # rows: K^, then B^
+    kb_lo = gl.allocate_shared_memory(gl.bfloat16, [2 * L, N], SH_N)
+    ar_hi = gl.allocate_shared_memory(gl.bfloat16, [2 * L, N], SH_N)      # rows: A~, then R~
+    ar_lo = gl.allocate_shared_memory(gl.bfloat16, [2 * L, N], SH_N)
+    g_hi = gl.allocate_shared_memory(gl.bfloat16, [2 * L, 2 * L], SH_L)
+    g_lo = gl.allocate_shared_memory(gl.bfloat16, [2 * L, 2 * L], SH_L)
+
+    _fetch_chunk(r, w, k, v, a, b, raw, 0, 0, bos, seq_len, H, i_h, L, N, CP16, CPW)
+    for ic in range(0, n_chunks):
+        stage = ic % 2
+        _fetch_chunk(r, w, k, v, a, b, raw, 1 - stage, (ic + 1) * L, bos, seq_len, H, i_h, L, N, CP16, CPW)
+        async_copy.wait_group(1)                 # this chunk's group is in (the next one's may still be in flight)
+        w2 = raw[1].index(stage).load(PREP).to(gl.float32) * LOG2E              # base 2: exp2 is one instruction
+        c = gl.associative_scan(w2, 0, _add)
+        c_last = gl.sum(w2, axis=0)
+        e_nc = gl.exp2(-c)
+        _store_parts(kb_hi, kb_lo, 0, L, raw[2].index(stage).load(PREP).to(gl.float32) * e_nc)
+        _store_parts(kb_hi, kb_lo, L, L, raw[5].index(stage).load(PREP).to(gl.float32) * e_nc)
+        _store_parts(ar_hi, ar_lo, 0, L, raw[4].index(stage).load(PREP).to(gl.float32) * gl.exp2(c - w2))
+        _store_parts(ar_hi, ar_lo, L, L, raw[0].index(stage).load(PREP).to(gl.float32) * gl.exp2(c))
+        v_sm = raw[3].index(stage)
+
+        slot = (slot0 + ic) * H + i_h
+        g = _mm3_wide(kb_hi.load(AG), kb_lo.load(AG), ar_hi.permute([1, 0]).load(BG), ar_lo.permute([1, 0]).load(BG),
+                 gl.zeros([2 * L, 2 * L], gl.float32, MG))
+        g = gl.where(g_keep, g, 0.0)
+        if STORE_MATS:
+            gl.store(mats + slot * 4 * L * L + g_off, g, mask=g_store)
+        g_part_hi, g_part_lo = _split(g)
+        g_hi.store(g_part_hi)
+        g_lo.store(g_part_lo)
+
+        z = _inverse_t(_block(g_hi, L, 0, L, BS), _block(g_lo, L, 0, L, BS), L, MS, AS, BS)
+        if STORE_MATS:
+            gl.store(mats + slot * 4 * L * L + z_off, z)
+        z_hi, z_lo = _split(z)
+        z_hi = gl.convert_layout(z_hi, BS)
+        z_lo = gl.convert_layout(z_lo, BS)
+
+        if STORE_STATES:
+            gl.store(states + slot * N * N + p_state, S)
+        s_hi, s_lo = _left(S, AS)
+        vt = v_sm.permute([1, 0]).load(AS)                                           # V^T [N, L]
+        x = _mm3_wide(s_hi, s_lo, ar_hi.slice(0, L).permute([1, 0]).load(BS),
+                 ar_lo.slice(0, L).permute([1, 0]).load(BS), gl.zeros([N, L], gl.float32, MS))   # S A~^T
+        x = _mm2(vt, _block(g_hi, 0, 0, L, BS), _block(g_lo, 0, 0, L, BS), x)           # + V^T M_ak^T
+        x_hi, x_lo = _left(x, AS)
+        u_hi, u_lo = _left(_mm3(x_hi, x_lo, z_hi, z_lo, gl.zeros([N, L], gl.float32, MS)), AS)   # U^T
+        yt = _mm3_wide(s_hi, s_lo, ar_hi.slice(L, L).permute([1, 0]).load(BS),
+                  ar_lo.slice(L, L).permute([1, 0]).load(BS), gl.zeros([N, L], gl.float32, MS))  # S R~^T
+        yt = _mm3(u_hi, u_lo, _block(g_hi, L, L, L, BS), _block(g_lo, L, L, L, BS), yt)     # + U^T M_rb^T
+        yt = _mm2(vt, _block(g_hi, 0, L, L, BS), _block(g_lo, 0, L, L, BS), yt)            # + V^T M_rk^T
+        p_y = (((bos + ic * L + o_ty) * H + i_h) * N)[None, :] + o_i[:, None]
+        gl.store(y + p_y, yt.to(y.dtype.element_ty), mask=((ic * L + o_ty) < seq_len)[None, :])
+        S = _mm3(u_hi, u_lo, kb_hi.slice(L, L).load(BS), kb_lo.slice(L, L).load(BS), S)     # + U^T B^
+        S = _mm2(vt, kb_hi.slice(0, L).load(BS), kb_lo.slice(0, L).load(BS), S)             # + V^T K^
+        S = S * gl.exp2(gl.convert_layout(c_last, gl.SliceLayout(0, MS)))[None, :]
+
+    if STORE_STATES:
+        gl.store(states + ((slot0 + n_chunks) * H + i_h) * N * N + p_state, S)
+    gl.store(ht + (i_n.to(gl.int64) * H + i_h) * N * N + p_state, S)
