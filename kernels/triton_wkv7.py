@@ -581,10 +581,11 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
         tl.store(ds0 + (i_n.to(tl.int64) * H + i_h) * N * N + p_state, dS)
 
 
-# GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. fwd_gluon: the forward runs
-# gluon_wkv7's kernel where it applies (see _gluon_forward; the fwd_* settings, fwd_split and tma are the Triton
-# forward's): on an H200 at B=8 T=4096 H=64 the training forward 2.02 ms against 3.74, forward+backward 7.38
-# against 9.13 (docs/benchmarks.md). The kernels: the forward
+# GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. fwd_gluon, bwd_gluon: the
+# forward and the fused backward run gluon_wkv7's kernels where they apply (see _gluon_applies; the backward also
+# needs keep_mats; the fwd_*, bwd_*, fwd_split, tma and prec* settings are the Triton kernels'): on an H200 at B=8
+# T=4096 H=64 the training forward 2.0 ms against 3.7, the fused backward 4.2 against 5.1, forward+backward 6.55
+# against 9.1-9.2 (docs/benchmarks.md). The Triton kernels: the forward
 # (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
 # the outputs from them) and the backward: bwd "fused" (bwd_*), "split" into the sequential dS pass (dstate_*) and
 # the chunk-parallel gradient pass (grad_*), or "auto" (see _fused_backward). chunk: steps per chunk (16, 32 or
@@ -617,11 +618,11 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 # 2.0e-3, 2.1e-3, 2.2e-3, 2.4e-3, 2.8e-3 and 6.1e-3 with 1, 4, 8, 16, 32 and never (the split backward's 2.0e-3),
 # forward+backward 9.68, 9.34, 9.31, 9.18-9.31, 9.29 and 9.30 ms (with a branch in the chunk loop; the nested loops
 # that replaced it: 9.25-9.38 at 8, against 9.41 in the same run).
-CONFIG = dict(chunk=16, fwd_gluon=True, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4, fwd_stages=1,
-              fwd_split=False, out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1, dstate_bv=64,
-              dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32", prec_s="bf16x3",
-              prec_ds="tf32", prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split", prec_rs="bf16x3", inv="block",
-              prefetch=1, g_resync=8)
+CONFIG = dict(chunk=16, fwd_gluon=True, bwd_gluon=True, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4,
+              fwd_stages=1, fwd_split=False, out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1,
+              dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32",
+              prec_s="bf16x3", prec_ds="tf32", prec_inv="tf32", prec_rk="bf16x3", prec_rkv="split", prec_rs="bf16x3",
+              inv="block", prefetch=1, g_resync=8)
 _PRECS = ("prec", "prec_s", "prec_ds", "prec_inv", "prec_rk", "prec_rkv", "prec_rs")
 
 
@@ -724,7 +725,7 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
             if store_states and CONFIG["keep_mats"] else None)
     ht = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32)
     split = store_states and CONFIG["fwd_split"]
-    if _gluon_forward(r, k, v, a, b, L, split):
+    if CONFIG["fwd_gluon"] and not split and _gluon_applies(r, k, v, a, b, L=L):
         from .gluon_wkv7 import wkv7_fwd_gluon_kernel
         wkv7_fwd_gluon_kernel[(layout.n_seq * H,)](
             r, w, k, v, a, b, y, initial_state, states, mats, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T,
@@ -748,13 +749,13 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
     return y, ht, states, mats
 
 
-def _gluon_forward(r, k, v, a, b, L, split):
-    """Whether the forward runs gluon_wkv7's kernel (CONFIG fwd_gluon): bf16 inputs (w any float), heads of 64,
-    chunks of 16, on a GPU with mma.sync (sm_80 on), not fwd_split, and a Triton whose Gluon it is written for
-    (3.6 and 3.7 are tested; Gluon's API changes between releases); the Triton kernel otherwise."""
-    return (CONFIG["fwd_gluon"] and r.is_cuda and not _interpreting() and not split and L == 16
-            and r.shape[-1] == 64 and all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b))
-            and _GLUON_TRITON and torch.cuda.get_device_capability(r.device)[0] >= 8)
+def _gluon_applies(*xs, L):
+    """Whether gluon_wkv7's kernels take these inputs: bf16 (w, not among xs, any float), heads of 64, chunks of 16,
+    on a GPU with mma.sync (sm_80 on), under a Triton whose Gluon they are written for (3.6 and 3.7 are tested;
+    Gluon's API changes between releases). Else the Triton kernels run (CONFIG fwd_gluon, bwd_gluon)."""
+    r = xs[0]
+    return (r.is_cuda and not _interpreting() and L == 16 and r.shape[-1] == 64 and _GLUON_TRITON
+            and all(x.dtype == torch.bfloat16 for x in xs) and torch.cuda.get_device_capability(r.device)[0] >= 8)
 
 
 _GLUON_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)
@@ -768,7 +769,15 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
     ds0 = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32) if need_ds0 else None
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
     common = dict(N=N, L=layout.L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen)
-    if _fused_backward(layout.n_seq * H, r.device):
+    gluon = CONFIG["bwd_gluon"] and mats is not None and _gluon_applies(r, k, v, a, b, dy, L=layout.L)
+    if _fused_backward(layout.n_seq * H, r.device, gluon):
+        if gluon:
+            from .gluon_wkv7 import wkv7_bwd_gluon_kernel
+            wkv7_bwd_gluon_kernel[(layout.n_seq * H,)](
+                r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, dk, dv, da, db, layout.cu_seqlens,
+                layout.chunk_offsets, layout.T, H, N=N, L=layout.L, HAS_DHT=dht is not None, STORE_DS0=need_ds0,
+                IS_VARLEN=layout.is_varlen, num_warps=4)
+            return dr, dw, dk, dv, da, db, ds0
         _, opts = _settings(N, "bwd", r.device, r.dtype)
         _wkv7_bwd_fused_kernel[(layout.n_seq * H,)](
             r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, dk, dv, da, db, layout.cu_seqlens,
@@ -786,17 +795,22 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
     return dr, dw, dk, dv, da, db, ds0
 
 
-def _fused_backward(programs, device):
+def _fused_backward(programs, device, gluon):
     """Whether the backward runs fused (CONFIG bwd "fused"), split ("split") or, with "auto", fused when its
-    `programs` (sequences x heads) fill the GPU: each multiprocessor holds two of them at a time (255 registers
-    a thread) and the pass takes as long as its waves of programs, so fused wins when every wave is at least 90%
-    full. On an H200 at B=8, T=4096 (docs/benchmarks.md, 2026-12-02, before CONFIG prefetch): with 512 programs
-    (H=64) the op's forward+backward 9.97-10.04 ms fused against 12.48 split, with 256 (H=32) a block at C=2048
-    40.1-40.3 against 41.7, with 96 (H=12) a block at C=768 16.5 against 15.8-16.1."""
+    `programs` (sequences x heads) keep enough of the GPU busy. Each multiprocessor holds two of them at a time
+    (255 registers a thread) and a fused pass takes as long as its waves of programs. The Triton fused backward
+    wins when every wave is at least 90% full: on an H200 at B=8, T=4096 (docs/benchmarks.md, 2026-12-02, before
+    CONFIG prefetch) with 512 programs (H=64) the op's forward+backward 9.97-10.04 ms fused against 12.48 split,
+    with 256 (H=32) a block at C=2048 40.1-40.3 against 41.7, with 96 (H=12) a block at C=768 16.5 against
+    15.8-16.1. The Gluon one (`gluon`: it runs) wins from a fifth of a wave: the op's forward+backward at 16, 32, 48
+    programs 2.42, 2.34, 2.28 ms fused against 1.72, 1.84, 2.11 split, at 64, 96, 128 2.27, 2.26, 2.28 against
+    2.34, 2.79, 3.37, at 264 and 320 (a second wave of 56) 3.57 and 6.02 against 5.76 and 8.10."""
     mode = CONFIG["bwd"]
     if mode != "auto" or device.type != "cuda":
         return mode != "split"
     slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if gluon:
+        return programs >= 0.2 * slots
     waves = -(-programs // slots)
     return programs >= 0.9 * waves * slots
 

@@ -1,5 +1,5 @@
-"""Registers, spills and instruction counts of the WKV-7 kernels (Triton, and the Gluon forward), compiled for an
-H100 (sm_90) on any machine, no GPU needed.
+"""Registers, spills and instruction counts of the WKV-7 kernels (Triton and Gluon), compiled for an H100 (sm_90)
+on any machine, no GPU needed.
 
 Compiles each kernel with the launch settings of kernels/triton_wkv7.py's CONFIG (N = 64, bf16 inputs, no
 cu_seqlens) and prints the resource use that `cuobjdump -res-usage` reads from the cubin (registers per thread,
@@ -80,7 +80,7 @@ def aligned(fn, sig):
 
 
 def report(fn, kernel, flags):
-    """Compiles one kernel ("gluon": gluon_wkv7's forward, 4 warps) and prints its line of the table."""
+    """Compiles one kernel ("gluon": one of gluon_wkv7's, 4 warps) and prints its line of the table."""
     if kernel == "gluon":
         bv, opts, warps, stages, source = N, {}, 4, 1, GluonASTSource
     else:
@@ -115,6 +115,7 @@ def main():
           f"{'instructions':>12s} {'tensor core':>11s} {'barriers':>8s} {'spill st/ld':>13s}")
     kept, tma = K.CONFIG["keep_mats"], K.CONFIG["tma"]
     report(gluon_wkv7.wkv7_fwd_gluon_kernel, "gluon", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept))
+    report(gluon_wkv7.wkv7_bwd_gluon_kernel, "gluon", dict(HAS_DHT=False, STORE_DS0=False))
     report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept, STORE_Y=True, TMA=tma))
     report(K._wkv7_bwd_fused_kernel, "bwd", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
     report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))

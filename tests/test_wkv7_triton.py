@@ -202,9 +202,12 @@ def test_auto_backward_is_fused_only_when_its_programs_fill_the_gpu(monkeypatch)
     monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "auto")
     slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count    # two programs per multiprocessor
     gpu = torch.device("cuda")
-    assert triton_wkv7._fused_backward(slots, gpu) and triton_wkv7._fused_backward(2 * slots, gpu)
-    assert not triton_wkv7._fused_backward(slots // 3, gpu)       # most multiprocessors idle
-    assert not triton_wkv7._fused_backward(slots + 8, gpu)        # a second wave of 8
+    assert triton_wkv7._fused_backward(slots, gpu, False) and triton_wkv7._fused_backward(2 * slots, gpu, False)
+    assert not triton_wkv7._fused_backward(slots // 3, gpu, False)       # most multiprocessors idle
+    assert not triton_wkv7._fused_backward(slots + 8, gpu, False)        # a second wave of 8
+    # the Gluon fused backward: from a fifth of a wave on
+    assert triton_wkv7._fused_backward(slots // 3, gpu, True) and triton_wkv7._fused_backward(slots + 8, gpu, True)
+    assert not triton_wkv7._fused_backward(slots // 8, gpu, True)
 
 
 def test_without_initial_state_or_final_state_gradient(exact_fp32):
@@ -316,15 +319,20 @@ def test_bf16_on_gpu_without_initial_state():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("T,H,decay", [(200, 4, "near_1"), (1000, 4, "random"), (4096, 2, "random")])
-def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(monkeypatch, T, H, decay):
-    """T = 4096: 256 chunks, where a rounding error carried from chunk to chunk adds up (dw's did, at 6.1e-3)."""
+@pytest.mark.parametrize("bwd_gluon", [True, False])
+def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(monkeypatch, T, H, decay, bwd_gluon):
+    """T = 4096: 256 chunks, where a rounding error carried from chunk to chunk adds up (dw's did, at 6.1e-3).
+    Both fused backwards: the Gluon one (bf16, N = 64) and the Triton one."""
     monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "fused")    # at these sizes the automatic choice is split
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd_gluon", bwd_gluon)
     check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_bf16_cu_seqlens_on_gpu():
+@pytest.mark.parametrize("bwd", ["auto", "fused"])
+def test_bf16_cu_seqlens_on_gpu(monkeypatch, bwd):
+    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
     cu = torch.tensor([0, 1, 300, 301, 517], device="cuda", dtype=torch.int32)
     check_bf16_against_loop(B=1, T=517, H=2, N=64, cu_seqlens=cu)
 
@@ -332,13 +340,13 @@ def test_bf16_cu_seqlens_on_gpu():
 def test_every_kernel_compiles_for_hopper_with_the_installed_triton():
     """The GPU kernels build for an H100 (sm_90) with the Triton this project installs, no GPU needed (through
     scripts/kernel_registers.py, outside the interpreter): on a machine without CUDA only the interpreter runs the
-    Triton kernels, and nothing at all runs the Gluon forward, an experimental Triton API that has changed between
-    releases."""
+    Triton kernels, and nothing at all runs the Gluon ones, written in an experimental Triton API that has changed
+    between releases."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_registers.py"
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
-    assert set(rows) == {"wkv7_fwd_gluon_kernel", "_wkv7_fwd_kernel", "_wkv7_bwd_fused_kernel",
-                         "_wkv7_bwd_state_kernel", "_wkv7_bwd_chunk_kernel"}
+    assert set(rows) == {"wkv7_fwd_gluon_kernel", "wkv7_bwd_gluon_kernel", "_wkv7_fwd_kernel",
+                         "_wkv7_bwd_fused_kernel", "_wkv7_bwd_state_kernel", "_wkv7_bwd_chunk_kernel"}
     assert all(int(row[6]) > 0 for row in rows.values())         # tensor-core instructions in every kernel
