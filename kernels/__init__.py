@@ -25,7 +25,8 @@ def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seql
     initial_state[d] (or zero) at each document, and the final states are [D, H, N, N]. Documents may have any
     length, 1 and 0 included.
     Backends (see `_backend`): on CUDA the Triton kernels (float32 chunk states, documents handled inside the
-    kernel); elsewhere the chunked PyTorch path, one call per document.
+    kernel; for bf16 inputs and N = 64 the forward and the fused backward are gluon_wkv7.py's, in Triton's Gluon
+    dialect); elsewhere the chunked PyTorch path, one call per document.
     Memory: for the backward the CUDA path keeps every 16-step chunk's entering state in float32 and its four
     16x16 chunk matrices (triton_wkv7.CONFIG["keep_mats"]): (N*N + 1024) * 4 bytes per chunk and head, 20 KB at
     N=64, i.e. 1.25 KB per token and head (2.7 GB at B=8, T=4096, H=64); activation checkpointing of the blocks
