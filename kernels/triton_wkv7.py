@@ -751,14 +751,15 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
 
 def _gluon_applies(*xs, L):
     """Whether gluon_wkv7's kernels take these inputs: bf16 (w, not among xs, any float), heads of 64, chunks of 16,
-    on a GPU with mma.sync (sm_80 on), under a Triton whose Gluon they are written for (3.6 and 3.7 are tested;
-    Gluon's API changes between releases). Else the Triton kernels run (CONFIG fwd_gluon, bwd_gluon)."""
+    on a GPU with mma.sync (sm_80 on), under a Triton whose Gluon they are written for (3.6 and 3.7, the tested
+    ones: Gluon's API changes between releases, and another version falls back rather than fail to compile). Else
+    the Triton kernels run (CONFIG fwd_gluon, bwd_gluon)."""
     r = xs[0]
     return (r.is_cuda and not _interpreting() and L == 16 and r.shape[-1] == 64 and _GLUON_TRITON
             and all(x.dtype == torch.bfloat16 for x in xs) and torch.cuda.get_device_capability(r.device)[0] >= 8)
 
 
-_GLUON_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)
+_GLUON_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) in ((3, 6), (3, 7))
 
 
 def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
