@@ -306,7 +306,7 @@ def wkv7_bwd_gluon_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, 
         U^T = (S_0 A~^T + V^T M_ak^T) (I - M_ab)^{-T},  dU^T = dY^T M_rb + dS' B^^T,  dX^T = dU^T (I - M_ab)^{-1}
         dV^T = dY^T M_rk + dS' K^^T + dX^T M_ak,        dS_0 = dS' + dY^T R~ + dX^T A~
 
-    and the gradients of the decay-scaled tiles have t as rows, two chunks' worth at a time:
+    and the gradients of the decay-scaled tiles have t as rows, two [L, *] tiles stacked (a 16-row block a warp):
 
         [[dM_rk, dM_rb], [dM_ak, dM_ab]] = [dY; dX] [V^T, U^T]   (masked)
         [dR~; dA~] = [dY; dX] S_0 + dM [K^; B^],   [dK^; dB^] = dM^T [R~; A~] + [V; U] dS'
