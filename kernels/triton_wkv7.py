@@ -770,7 +770,7 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
     ds0 = torch.empty(layout.n_seq, H, N, N, device=r.device, dtype=torch.float32) if need_ds0 else None
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
     common = dict(N=N, L=layout.L, KEPT=mats is not None, IS_VARLEN=layout.is_varlen)
-    gluon = CONFIG["bwd_gluon"] and mats is not None and _gluon_applies(r, k, v, a, b, dy, L=layout.L)
+    gluon = _gluon_backward(r, k, v, a, b, dy, mats is not None, layout.L)
     if _fused_backward(layout.n_seq * H, r.device, gluon):
         if gluon:
             from .gluon_wkv7 import wkv7_bwd_gluon_kernel
@@ -794,6 +794,11 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
         r, w, k, v, a, b, dy, states, mats, dstates, dr, dw, dk, dv, da, db, layout.cu_seqlens,
         layout.chunk_offsets, layout.chunk_docs, layout.n_seq, layout.T, H, **common, **opts)
     return dr, dw, dk, dv, da, db, ds0
+
+
+def _gluon_backward(r, k, v, a, b, dy, kept, L):
+    """Whether a fused backward of these inputs is gluon_wkv7's (CONFIG bwd_gluon; it reads the kept matrices)."""
+    return CONFIG["bwd_gluon"] and kept and _gluon_applies(r, k, v, a, b, dy, L=L)
 
 
 def _fused_backward(programs, device, gluon):

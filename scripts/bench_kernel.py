@@ -13,6 +13,8 @@ speed: forward (no autograd) and forward+backward at B=8 T=4096 H=64 N=64, bf16,
     chunked PyTorch path; the ratios, and the achieved bandwidth and FLOP rate of our kernels.
 layer: one whole RWKV-7 block (time-mix + channel-mix) forward+backward in bf16 at C=768 and C=2048, and where
     its GPU time goes (torch.profiler, kernels grouped by kind).
+choice (only with --only choice): the op's forward+backward at B=8 T=4096 with the fused and with the split
+    backward forced, H from 2 to 40, next to what the automatic choice takes (the measurement behind its rule).
 --variants: a JSON list of overrides of rwkv7_kernels.triton_wkv7.CONFIG; each is checked and timed (and the
     block timed with each).
 Everything printed is also written to --log.
@@ -328,9 +330,33 @@ def layer(variants, B=8, T=4096):
         torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------------------------------- choice
+def choice(variants, B=8, T=4096, heads=(2, 4, 6, 8, 10, 12, 16, 33, 40)):
+    """The op's forward+backward with the fused and with the split backward forced, over the number of programs
+    B*H, next to what the automatic choice (triton_wkv7._fused_backward) takes."""
+    say(f"\n## fused or split backward: forward+backward ms, B={B} T={T} N=64, bf16")
+    slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    for variant in variants:
+        say(f"{json.dumps(variant)} ({slots} programs run at a time)")
+        for H in heads:
+            xs = make_inputs(B, T, H, 64, seed=3)
+            gy = torch.randn(B, T, H, 64, device="cuda", dtype=torch.bfloat16)
+            ms = {}
+            for mode in ("fused", "split"):
+                with config(dict(variant, bwd=mode)):
+                    ms[mode] = time_kernel(ours, xs, gy, reps=10)[1]
+            with config(dict(variant, bwd="auto")):
+                r, w, k, v, a, b = xs
+                c = triton_wkv7.CONFIG
+                gluon = triton_wkv7._gluon_backward(r, k, v, a, b, gy, c["keep_mats"], c["chunk"])
+                fused = triton_wkv7._fused_backward(B * H, gy.device, gluon)
+            say(f"  programs {B * H:4d}: fused {ms['fused']:6.2f}  split {ms['split']:6.2f}  "
+                f"automatic: {'fused' if fused else 'split'}{' (Gluon)' if fused and gluon else ''}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["accuracy", "speed", "layer"], action="append")
+    ap.add_argument("--only", choices=["accuracy", "speed", "layer", "choice"], action="append")
     ap.add_argument("--variants", default="[{}]", help="JSON list of CONFIG overrides ({} = the defaults)")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the PyTorch path (slow)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla (its first call autotunes for minutes)")
@@ -352,6 +378,8 @@ def main():
             out["speed"] = speed(variants, fla, with_torch=not args.no_torch)
         if "layer" in parts:
             layer(variants)
+        if "choice" in parts:
+            choice(variants)
     finally:
         if args.log:
             with open(args.log, "w") as f:
