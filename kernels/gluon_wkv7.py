@@ -99,6 +99,26 @@ def _store_parts(hi_buf, lo_buf, row0: gl.constexpr, rows: gl.constexpr, x):
 
 
 @gluon.jit
+def _scale_chunk(r_t, w_t, k_t, a_t, b_t, kb_hi, kb_lo, ar_hi, ar_lo, A_ROW: gl.constexpr, R_ROW: gl.constexpr,
+                 L: gl.constexpr):
+    """From a chunk's raw tiles in shared memory, writes the bf16 parts of its decay-scaled ones: K^ and B^ into
+    rows 0 and L of kb_*, A~ and R~ into rows A_ROW and R_ROW of ar_*. Returns w and c in base 2 (exp2 is one
+    instruction) and c_L."""
+    w2 = w_t.load(PREP).to(gl.float32) * LOG2E
+    c = gl.associative_scan(w2, 0, _add)
+    e_nc = gl.exp2(-c)
+    _store_parts(kb_hi, kb_lo, 0, L, k_t.load(PREP).to(gl.float32) * e_nc)
+    _store_parts(kb_hi, kb_lo, L, L, b_t.load(PREP).to(gl.float32) * e_nc)
+    if A_ROW == 0:                     # the rows in order (the order the kernels were timed with)
+        _store_parts(ar_hi, ar_lo, A_ROW, L, a_t.load(PREP).to(gl.float32) * gl.exp2(c - w2))
+        _store_parts(ar_hi, ar_lo, R_ROW, L, r_t.load(PREP).to(gl.float32) * gl.exp2(c))
+    else:
+        _store_parts(ar_hi, ar_lo, R_ROW, L, r_t.load(PREP).to(gl.float32) * gl.exp2(c))
+        _store_parts(ar_hi, ar_lo, A_ROW, L, a_t.load(PREP).to(gl.float32) * gl.exp2(c - w2))
+    return w2, c, gl.sum(w2, axis=0)
+
+
+@gluon.jit
 def _block(buf, row0: gl.constexpr, col0: gl.constexpr, L: gl.constexpr, layout: gl.constexpr):
     """The [L, L] block of a shared-memory [2L, 2L] matrix at (row0, col0), in `layout`."""
     return buf.slice(row0, L, 0).slice(col0, L, 1).load(layout)
@@ -237,14 +257,8 @@ def wkv7_fwd_gluon_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens,
         stage = ic % 2
         _fetch_chunk(r, w, k, v, a, b, raw, 1 - stage, (ic + 1) * L, bos, seq_len, H, i_h, L, N)
         async_copy.wait_group(1)                 # this chunk's group is in (the next one's may still be in flight)
-        w2 = raw[1].index(stage).load(PREP).to(gl.float32) * LOG2E              # base 2: exp2 is one instruction
-        c = gl.associative_scan(w2, 0, _add)
-        c_last = gl.sum(w2, axis=0)
-        e_nc = gl.exp2(-c)
-        _store_parts(kb_hi, kb_lo, 0, L, raw[2].index(stage).load(PREP).to(gl.float32) * e_nc)
-        _store_parts(kb_hi, kb_lo, L, L, raw[5].index(stage).load(PREP).to(gl.float32) * e_nc)
-        _store_parts(ar_hi, ar_lo, 0, L, raw[4].index(stage).load(PREP).to(gl.float32) * gl.exp2(c - w2))
-        _store_parts(ar_hi, ar_lo, L, L, raw[0].index(stage).load(PREP).to(gl.float32) * gl.exp2(c))
+        w2, c, c_last = _scale_chunk(raw[0].index(stage), raw[1].index(stage), raw[2].index(stage),
+                                     raw[4].index(stage), raw[5].index(stage), kb_hi, kb_lo, ar_hi, ar_lo, 0, L, L)
         v_sm = raw[3].index(stage)
 
         slot = (slot0 + ic) * H + i_h
@@ -391,14 +405,7 @@ def wkv7_bwd_gluon_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, 
         _prefetch_l2(mats + slot_p * 4 * L * L + gl.arange(0, 4 * L * L // 32, layout=gl.SliceLayout(0, PREP)) * 32)
         async_copy.wait_group(0)
 
-        w2 = raw[1].load(PREP).to(gl.float32) * LOG2E
-        c = gl.associative_scan(w2, 0, _add)
-        c_last = gl.sum(w2, axis=0)
-        e_nc = gl.exp2(-c)
-        _store_parts(kb_hi, kb_lo, 0, L, raw[2].load(PREP).to(gl.float32) * e_nc)
-        _store_parts(kb_hi, kb_lo, L, L, raw[4].load(PREP).to(gl.float32) * e_nc)
-        _store_parts(ra_hi, ra_lo, 0, L, raw[0].load(PREP).to(gl.float32) * gl.exp2(c))
-        _store_parts(ra_hi, ra_lo, L, L, raw[3].load(PREP).to(gl.float32) * gl.exp2(c - w2))
+        w2, c, c_last = _scale_chunk(raw[0], raw[1], raw[2], raw[3], raw[4], kb_hi, kb_lo, ra_hi, ra_lo, L, 0, L)
         mt_part_hi, mt_part_lo = _split(mt)
         mt_hi.store(mt_part_hi)
         mt_lo.store(mt_part_lo)
@@ -474,6 +481,7 @@ def wkv7_bwd_gluon_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, 
         # the raw tiles' gradients: dx = dX~ e^{+-c}; the decay's, dw_t = sum_{s>=t} g_s - (da a)_t + d/dc_L
         e_c = gl.exp2(c)
         e_cp = gl.exp2(c - w2)
+        e_nc = gl.exp2(-c)
         da_a = d_at * (ra_hi.slice(L, L).load(PREP).to(gl.float32) + ra_lo.slice(L, L).load(PREP).to(gl.float32))
         g = (d_rt * (ra_hi.slice(0, L).load(PREP).to(gl.float32) + ra_lo.slice(0, L).load(PREP).to(gl.float32))
              + da_a
