@@ -584,8 +584,8 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 # GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. fwd_gluon, bwd_gluon: the
 # forward and the fused backward run gluon_wkv7's kernels where they apply (see _gluon_applies; the backward also
 # needs keep_mats; the fwd_*, bwd_*, fwd_split, tma and prec* settings are the Triton kernels'): on an H200 at B=8
-# T=4096 H=64 the training forward 2.0 ms against 3.7, the fused backward 4.1-4.2 against 5.1, forward+backward
-# 6.52-6.61 against 9.1-9.3 (docs/benchmarks.md). The Triton kernels: the forward
+# T=4096 H=64 the training forward 2.0 ms against 3.7, the fused backward 3.8 against 5.1, forward+backward 6.08
+# against 9.1-9.3 (docs/benchmarks.md). The Triton kernels: the forward
 # (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
 # the outputs from them) and the backward: bwd "fused" (bwd_*), "split" into the sequential dS pass (dstate_*) and
 # the chunk-parallel gradient pass (grad_*), or "auto" (see _fused_backward). chunk: steps per chunk (16, 32 or
