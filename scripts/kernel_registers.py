@@ -15,7 +15,12 @@ with another Triton runs, put that version first on the path.
     python scripts/kernel_registers.py                                        # the defaults
     python scripts/kernel_registers.py '{"chunk": 32, "bwd_warps": 8}'         # CONFIG overrides (JSON)
     pip install --no-deps --target /tmp/t36 triton==3.6.0 && PYTHONPATH=/tmp/t36 python scripts/kernel_registers.py
+    python scripts/kernel_registers.py --cubins DIR        # also write the Gluon kernels' machine code to DIR
+
+--cubins writes the two Gluon kernels as compiled here (DIR/<kernel>.cubin) and what launching them takes
+(DIR/launch.json), for scripts/check_gluon_cubins.py to run on a GPU whose own Triton is another version.
 """
+import argparse
 import json
 import os
 import re
@@ -80,7 +85,8 @@ def aligned(fn, sig):
 
 
 def report(fn, kernel, flags):
-    """Compiles one kernel ("gluon": one of gluon_wkv7's, 4 warps) and prints its line of the table."""
+    """Compiles one kernel ("gluon": one of gluon_wkv7's, 4 warps), prints its line of the table and returns the
+    compiled kernel with its argument signature."""
     if kernel == "gluon":
         bv, opts, warps, stages, source = N, {}, 4, 1, GluonASTSource
     else:
@@ -106,20 +112,51 @@ def report(fn, kernel, flags):
              for name, prefixes in dict(tc=("HMMA", "HGMMA"), bar=("BAR",), stl=("STL",), ldl=("LDL",)).items()}
     print(f"{fn.__name__:26s} {warps:5d} {m.group(1):>9s} {m.group(2):>11s} {compiled.metadata.shared:>13d} "
           f"{len(ops):>12d} {count['tc']:>11d} {count['bar']:>8d} {count['stl']:>9d}/{count['ldl']}")
+    return compiled, sig
+
+
+def launch_info(fn, compiled, sig, flags):
+    """What a driver launch of the compiled kernel takes: its arguments in order (the constexpr ones are compiled
+    in), how many pointer parameters Triton appends (scratch buffers, which must be unused: size 0), the shared
+    memory, the warps and the flags it was compiled with."""
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", compiled.asm["ptx"], re.S)
+    args = [name for name in fn.arg_names if sig[name] != "constexpr"]
+    extra = entry.group(1).count(".param") - len(args)
+    scratch = compiled.metadata.global_scratch_size + compiled.metadata.profile_scratch_size
+    if extra < 0 or scratch:
+        sys.exit(f"{fn.__name__}: {extra} appended parameters, {scratch} scratch bytes: not launchable as compiled")
+    return dict(kernel=compiled.metadata.name, cubin=f"{fn.__name__}.cubin", args=args,
+                extra_pointer_params=extra, shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                flags=flags, triton=triton.__version__, target="sm_90")
 
 
 def main():
-    K.CONFIG.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="?", default="{}", help="CONFIG overrides (JSON)")
+    parser.add_argument("--cubins", metavar="DIR", help="write the Gluon kernels' cubins and launch.json to DIR")
+    options = parser.parse_args()
+    K.CONFIG.update(json.loads(options.overrides))
     print(f"sm_90, N={N}, Triton {triton.__version__}, CONFIG {json.dumps(K.CONFIG)}")
     print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s} "
           f"{'instructions':>12s} {'tensor core':>11s} {'barriers':>8s} {'spill st/ld':>13s}")
     kept, tma = K.CONFIG["keep_mats"], K.CONFIG["tma"]
-    report(gluon_wkv7.wkv7_fwd_gluon_kernel, "gluon", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept))
-    report(gluon_wkv7.wkv7_bwd_gluon_kernel, "gluon", dict(HAS_DHT=False, STORE_DS0=False))
+    launches = {}
+    for fn, flags in ((gluon_wkv7.wkv7_fwd_gluon_kernel, dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept)),
+                      (gluon_wkv7.wkv7_bwd_gluon_kernel, dict(HAS_DHT=False, STORE_DS0=False))):
+        compiled, sig = report(fn, "gluon", flags)
+        if options.cubins:
+            os.makedirs(options.cubins, exist_ok=True)
+            with open(os.path.join(options.cubins, f"{fn.__name__}.cubin"), "wb") as f:
+                f.write(compiled.asm["cubin"])
+            launches[fn.__name__] = launch_info(fn, compiled, sig, flags)
     report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept, STORE_Y=True, TMA=tma))
     report(K._wkv7_bwd_fused_kernel, "bwd", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
     report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
     report(K._wkv7_bwd_chunk_kernel, "grad", dict(KEPT=kept))
+    if options.cubins:
+        with open(os.path.join(options.cubins, "launch.json"), "w") as f:
+            json.dump(launches, f, indent=1)
+        print(f"wrote the Gluon kernels' cubins and launch.json to {options.cubins}")
 
 
 if __name__ == "__main__":

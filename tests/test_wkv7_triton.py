@@ -5,6 +5,7 @@ before anything imports triton) and on the GPU with CUDA, there with IEEE float3
 the error stays near 1e-7. With CUDA, bf16 checks at larger shapes hold the kernels to the bf16 floor with their
 production settings.
 """
+import json
 import math
 import os
 import subprocess
@@ -337,16 +338,26 @@ def test_bf16_cu_seqlens_on_gpu(monkeypatch, bwd):
     check_bf16_against_loop(B=1, T=517, H=2, N=64, cu_seqlens=cu)
 
 
-def test_every_kernel_compiles_for_hopper_with_the_installed_triton():
+def test_every_kernel_compiles_for_hopper_with_the_installed_triton(tmp_path):
     """The GPU kernels build for an H100 (sm_90) with the Triton this project installs, no GPU needed (through
     scripts/kernel_registers.py, outside the interpreter): on a machine without CUDA only the interpreter runs the
     Triton kernels, and nothing at all runs the Gluon ones, written in an experimental Triton API that has changed
-    between releases."""
+    between releases. With --cubins it also writes the Gluon kernels' machine code and launch parameters, which
+    scripts/check_gluon_cubins.py runs on a GPU whose Triton is another version."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_registers.py"
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(script), "--cubins", str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:-1]}
     assert set(rows) == {"wkv7_fwd_gluon_kernel", "wkv7_bwd_gluon_kernel", "_wkv7_fwd_kernel",
                          "_wkv7_bwd_fused_kernel", "_wkv7_bwd_state_kernel", "_wkv7_bwd_chunk_kernel"}
     assert all(int(row[6]) > 0 for row in rows.values())         # tensor-core instructions in every kernel
+    from rwkv7_kernels import gluon_wkv7
+    launches = json.loads((tmp_path / "launch.json").read_text())
+    assert set(launches) == {"wkv7_fwd_gluon_kernel", "wkv7_bwd_gluon_kernel"}
+    for name, info in launches.items():
+        assert (tmp_path / info["cubin"]).read_bytes()[:4] == b"\x7fELF"
+        assert info["shared"] == int(rows[name][4]) and info["extra_pointer_params"] >= 0
+        kernel = getattr(gluon_wkv7, name)                        # its arguments less the compiled-in constexprs
+        assert info["args"] == [p.name for p in kernel.params if not p.is_constexpr]
