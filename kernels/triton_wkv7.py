@@ -752,7 +752,8 @@ def wkv7_fwd(r, w, k, v, a, b, initial_state, layout, store_states=True):
 def _gluon_applies(*xs, L):
     """Whether gluon_wkv7's kernels take these inputs: bf16 (w, not among xs, any float), heads of 64, chunks of 16,
     on a GPU with mma.sync (sm_80 on), under a Triton whose Gluon they are written for (3.6 and 3.7, the tested
-    ones: Gluon's API changes between releases, and another version falls back rather than fail to compile). Else
+    ones: Gluon's API changes between releases, and another version falls back rather than fail to compile; 3.7's
+    build, which no GPU machine here runs, checked bitwise against 3.6's with scripts/check_gluon_cubins.py). Else
     the Triton kernels run (CONFIG fwd_gluon, bwd_gluon)."""
     r = xs[0]
     return (r.is_cuda and not _interpreting() and L == 16 and r.shape[-1] == 64 and _GLUON_TRITON
