@@ -797,9 +797,19 @@ def wkv7_bwd(r, w, k, v, a, b, dy, states, mats, dht, need_ds0, layout):
     return dr, dw, dk, dv, da, db, ds0
 
 
+# Shared memory a program of gluon_wkv7's backward asks for (bytes; the largest of its variants, float32 w: the CPU
+# compile test holds the compiled figure to it). More than the 99 KB a block may have on sm_86 and sm_89 GPUs
+# (consumer Ampere and Ada), which run the Triton backward instead; sm_80 allows 163 KB, sm_90 227 KB.
+_GLUON_BWD_SHARED = 111104
+
+
 def _gluon_backward(r, k, v, a, b, dy, kept, L):
-    """Whether a fused backward of these inputs is gluon_wkv7's (CONFIG bwd_gluon; it reads the kept matrices)."""
-    return CONFIG["bwd_gluon"] and kept and _gluon_applies(r, k, v, a, b, dy, L=L)
+    """Whether a fused backward of these inputs is gluon_wkv7's (CONFIG bwd_gluon; it reads the kept matrices and
+    needs _GLUON_BWD_SHARED bytes of shared memory, against the limit Triton's launcher checks)."""
+    if not (CONFIG["bwd_gluon"] and kept and _gluon_applies(r, k, v, a, b, dy, L=L)):
+        return False
+    from triton.compiler.compiler import max_shared_mem      # Triton 3.6 and 3.7, which _gluon_applies requires
+    return max_shared_mem(r.device.index) >= _GLUON_BWD_SHARED
 
 
 def _fused_backward(programs, device, gluon):

@@ -331,6 +331,20 @@ def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(monkeypatch, T, H, dec
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gluon_backward_runs_where_a_block_may_have_its_shared_memory():
+    """gluon_wkv7's fused backward asks for _GLUON_BWD_SHARED bytes of shared memory a program: it runs on the H100
+    and H200 (227 KB a block) and the A100 (163 KB); GPUs that give a block 99 KB (sm_86, sm_89) run the Triton
+    backward instead of failing to launch."""
+    room = {(8, 0): True, (9, 0): True, (8, 6): False, (8, 9): False}.get(torch.cuda.get_device_capability())
+    if room is None:
+        pytest.skip("a GPU whose shared memory per block this test does not list")
+    x = torch.zeros(1, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert triton_wkv7._gluon_backward(x, x, x, x, x, x, True, 16) == (triton_wkv7._GLUON_TRITON and room)
+    assert not triton_wkv7._gluon_backward(x, x, x, x, x, x, False, 16)        # it reads the kept matrices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("bwd", ["auto", "fused"])
 def test_bf16_cu_seqlens_on_gpu(monkeypatch, bwd):
     monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
@@ -353,6 +367,7 @@ def test_every_kernel_compiles_for_hopper_with_the_installed_triton(tmp_path):
     assert set(rows) == {"wkv7_fwd_gluon_kernel", "wkv7_bwd_gluon_kernel", "_wkv7_fwd_kernel",
                          "_wkv7_bwd_fused_kernel", "_wkv7_bwd_state_kernel", "_wkv7_bwd_chunk_kernel"}
     assert all(int(row[6]) > 0 for row in rows.values())         # tensor-core instructions in every kernel
+    assert int(rows["wkv7_bwd_gluon_kernel"][4]) == triton_wkv7._GLUON_BWD_SHARED    # what _gluon_backward checks
     from rwkv7_kernels import gluon_wkv7
     launches = json.loads((tmp_path / "launch.json").read_text())
     assert set(launches) == {"wkv7_fwd_gluon_kernel", "wkv7_bwd_gluon_kernel"}
