@@ -216,6 +216,21 @@ def _fetch_chunk(r, w, k, v, a, b, raw, stage, t0, bos, seq_len, H, i_h, L: gl.c
 
 
 @gluon.jit
+def _fetch_bwd_chunk(r, w, k, a, b, v, dy, raw, vu, dyx, stage, t0, bos, seq_len, H, i_h, L: gl.constexpr,
+                     N: gl.constexpr):
+    """The backward's _fetch_chunk: r, w, k, a, b into their single slots (raw), v and dy into the first L rows of
+    slot `stage` of their [2, 2L, N] tiles, as one commit group."""
+    _fetch(r, raw[0], t0, bos, seq_len, H, i_h, L, N)
+    _fetch(w, raw[1], t0, bos, seq_len, H, i_h, L, N)
+    _fetch(k, raw[2], t0, bos, seq_len, H, i_h, L, N)
+    _fetch(a, raw[3], t0, bos, seq_len, H, i_h, L, N)
+    _fetch(b, raw[4], t0, bos, seq_len, H, i_h, L, N)
+    _fetch(v, vu.index(stage).slice(0, L), t0, bos, seq_len, H, i_h, L, N)
+    _fetch(dy, dyx.index(stage).slice(0, L), t0, bos, seq_len, H, i_h, L, N)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def wkv7_fwd_gluon_kernel(r, w, k, v, a, b, y, s0, states, mats, ht, cu_seqlens, chunk_offsets, T, H,
                           N: gl.constexpr, L: gl.constexpr, HAS_S0: gl.constexpr, STORE_STATES: gl.constexpr,
                           STORE_MATS: gl.constexpr, IS_VARLEN: gl.constexpr):
@@ -394,14 +409,7 @@ def wkv7_bwd_gluon_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, 
     g_end = gl.convert_layout(g_end, gl.SliceLayout(0, PREP))
 
     t_last = (n_chunks - 1) * L
-    _fetch(r, raw[0], t_last, bos, seq_len, H, i_h, L, N)
-    _fetch(w, raw[1], t_last, bos, seq_len, H, i_h, L, N)
-    _fetch(k, raw[2], t_last, bos, seq_len, H, i_h, L, N)
-    _fetch(a, raw[3], t_last, bos, seq_len, H, i_h, L, N)
-    _fetch(b, raw[4], t_last, bos, seq_len, H, i_h, L, N)
-    _fetch(v, vu.index(0).slice(0, L), t_last, bos, seq_len, H, i_h, L, N)
-    _fetch(dy, dyx.index(0).slice(0, L), t_last, bos, seq_len, H, i_h, L, N)
-    async_copy.commit_group()
+    _fetch_bwd_chunk(r, w, k, a, b, v, dy, raw, vu, dyx, 0, t_last, bos, seq_len, H, i_h, L, N)
 
     for i in range(0, n_chunks):
         ic = n_chunks - 1 - i
@@ -420,14 +428,7 @@ def wkv7_bwd_gluon_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw, 
         mt_hi.store(mt_part_hi)
         mt_lo.store(mt_part_lo)
         t_next = t0 - L                                  # the next chunk (t_next < 0 after the first: all masked)
-        _fetch(r, raw[0], t_next, bos, seq_len, H, i_h, L, N)
-        _fetch(w, raw[1], t_next, bos, seq_len, H, i_h, L, N)
-        _fetch(k, raw[2], t_next, bos, seq_len, H, i_h, L, N)
-        _fetch(a, raw[3], t_next, bos, seq_len, H, i_h, L, N)
-        _fetch(b, raw[4], t_next, bos, seq_len, H, i_h, L, N)
-        _fetch(v, vu.index(1 - stage).slice(0, L), t_next, bos, seq_len, H, i_h, L, N)
-        _fetch(dy, dyx.index(1 - stage).slice(0, L), t_next, bos, seq_len, H, i_h, L, N)
-        async_copy.commit_group()
+        _fetch_bwd_chunk(r, w, k, a, b, v, dy, raw, vu, dyx, 1 - stage, t_next, bos, seq_len, H, i_h, L, N)
 
         dsp = dS * gl.exp2(gl.convert_layout(c_last, gl.SliceLayout(0, MS)))[None, :]        # dS'
         dsp_hi, dsp_lo = _left(dsp, AS)
