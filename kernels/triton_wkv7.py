@@ -812,10 +812,15 @@ def _gluon_backward(r, k, v, a, b, dy, kept, L):
     return max_shared_mem(r.device.index) >= _GLUON_BWD_SHARED
 
 
+def _program_slots(device):
+    """How many fused-backward programs the GPU runs at a time: two a multiprocessor (255 registers a thread)."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _fused_backward(programs, device, gluon):
     """Whether the backward runs fused (CONFIG bwd "fused"), split ("split") or, with "auto", fused when its
-    `programs` (sequences x heads) keep enough of the GPU busy. Each multiprocessor holds two of them at a time
-    (255 registers a thread) and a fused pass takes as long as its waves of programs. The Triton fused backward
+    `programs` (sequences x heads) keep enough of the GPU busy: a fused pass takes as long as its waves of
+    programs (_program_slots at a time). The Triton fused backward
     wins when every wave is at least 90% full: on an H200 at B=8, T=4096 (docs/benchmarks.md, 2026-12-02, before
     CONFIG prefetch) with 512 programs (H=64) the op's forward+backward 9.97-10.04 ms fused against 12.48 split,
     with 256 (H=32) a block at C=2048 40.1-40.3 against 41.7, with 96 (H=12) a block at C=768 16.5 against
@@ -825,7 +830,7 @@ def _fused_backward(programs, device, gluon):
     mode = CONFIG["bwd"]
     if mode != "auto" or device.type != "cuda":
         return mode != "split"
-    slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    slots = _program_slots(device)
     if gluon:
         return programs >= 0.2 * slots
     waves = -(-programs // slots)

@@ -335,7 +335,7 @@ def choice(variants, B=8, T=4096, heads=(2, 4, 6, 8, 10, 12, 16, 33, 40)):
     """The op's forward+backward with the fused and with the split backward forced, over the number of programs
     B*H, next to what the automatic choice (triton_wkv7._fused_backward) takes."""
     say(f"\n## fused or split backward: forward+backward ms, B={B} T={T} N=64, bf16")
-    slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    slots = triton_wkv7._program_slots(torch.device("cuda"))
     for variant in variants:
         say(f"{json.dumps(variant)} ({slots} programs run at a time)")
         for H in heads:
