@@ -1,42 +1,47 @@
-"""Read a model from any checkpoint a user has: an official `.pth`, a rwkv7-train Lightning `.ckpt`, or a
-DeepSpeed checkpoint directory written by rwkv7-train."""
+"""Read a model from any checkpoint a user has: an official `.pth` or `.safetensors`, a rwkv7-train Lightning
+`.ckpt`, or a DeepSpeed ZeRO checkpoint directory written by rwkv7-train. Every file is read weights-only."""
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
 from .model import RWKV7, RWKV7Config
 from .official import config_from_state_dict, load_into, load_state_dict_file
+from .run_checkpoints import verify
+from .safe_load import safe_torch_load
 
 PREFIX = "model."  # RWKV7LitModule keeps the RWKV7 under `self.model`
 
 
+def client_state(path) -> dict:
+    """Everything but the tensors' values of one of our checkpoints (step, config, data position, ...), read
+    cheaply (memory-mapped); for a ZeRO directory, the model-states file of its rank 0."""
+    path = verify(path)
+    if path.is_file():
+        return safe_torch_load(path)
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else "checkpoint"
+    states = sorted((path / tag).glob("*model_states.pt"))
+    return safe_torch_load(states[0])
+
+
 def _lightning_state(path: Path) -> tuple[dict, dict | None]:
-    """(model state_dict, model config or None) from a Lightning checkpoint file or DeepSpeed directory."""
+    """(model state_dict, model config or None) from a checkpoint file or a DeepSpeed directory."""
     if path.is_dir():
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
+        verify(path)   # complete, and every pickle in it safe: DeepSpeed's own reader unpickles them bare
         with tempfile.TemporaryDirectory() as tmp:
             convert_zero_checkpoint_to_fp32_state_dict(str(path), f"{tmp}/consolidated.ckpt")
-            ckpt = torch.load(f"{tmp}/consolidated.ckpt", map_location="cpu", weights_only=False)
+            ckpt = safe_torch_load(f"{tmp}/consolidated.ckpt", mmap=False)
+    elif path.suffix in (".pth", ".safetensors"):
+        ckpt = load_state_dict_file(path)
     else:
-        ckpt = load_state_dict_file(path) if path.suffix == ".pth" else _load_ckpt(path)
+        ckpt = safe_torch_load(path)
     if "state_dict" not in ckpt:
         return ckpt, None
     sd = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
     hp = ckpt.get("hyper_parameters", {})
     return sd, hp.get("model")
-
-
-def _load_ckpt(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        # Lightning checkpoints hold the run config (plain containers) besides tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def read_checkpoint(path) -> tuple[dict, RWKV7Config]:
@@ -48,7 +53,7 @@ def read_checkpoint(path) -> tuple[dict, RWKV7Config]:
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> RWKV7:
-    """An RWKV7 from an official `.pth`, a rwkv7-train `.ckpt` or a DeepSpeed checkpoint directory."""
+    """An RWKV7 from an official `.pth`/`.safetensors`, a rwkv7-train `.ckpt` or a DeepSpeed checkpoint directory."""
     sd, cfg = read_checkpoint(path)
     with torch.device("meta"):
         model = RWKV7(cfg)

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input from the user (config, file, checkpoint, data); the message names the thing and the fix."""
+
+
+# Exit statuses of the entry points besides 0 (done) and 1 (a failure that is not the user's input).
+BAD_INPUT = 2    # a UserError: one line on stderr says what to fix
+PREEMPTED = 75   # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 with a checkpoint saved; run the same command again

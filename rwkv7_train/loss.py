@@ -10,7 +10,7 @@ class L2Wrap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss, logits):
         ctx.save_for_backward(logits)
-        return loss
+        return loss.clone()   # a new tensor, not the input: ZeRO-3's hooks may modify the output in place
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -7,7 +7,8 @@ BlinkDL `.pth` loads with `load_state_dict` as it is. The model knows nothing of
 """
 import math
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional
+from functools import partial
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -194,7 +195,8 @@ class RWKV7(nn.Module):
         # frozen, so DDP sees no parameter without a gradient.
         for p in (self.blocks[0].att.v0, self.blocks[0].att.v1, self.blocks[0].att.v2):
             p.requires_grad_(False)
-        if not any(p.is_meta for p in self.parameters()):
+        # Placeholders (meta tensors, or parameters a sharding wrapper has emptied) leave the init to the caller.
+        if not any(p.is_meta or p.numel() == 0 for p in self.parameters()):
             self.init_weights()
 
     def forward(self, idx: torch.Tensor, state: Optional[list] = None, return_state: bool = False,
@@ -224,9 +226,33 @@ class RWKV7(nn.Module):
         logits = self.head(self.ln_out(x)).float().reshape(B, T, -1)
         return (logits, new_state) if return_state else logits
 
+    def init_parts(self) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The official initialisation as (module, function) pairs in the order they draw random numbers: the
+        embeddings and head, each block, the output norm. A sharded strategy runs each with only that module's
+        parameters gathered, and gets the same values as `init_weights`."""
+        return ([(nn.ModuleList([self.emb, self.head]), self._init_embeddings)]
+                + [(block, partial(self._init_block, l)) for l, block in enumerate(self.blocks)]
+                + [(self.ln_out, self._init_ln_out)])
+
     @torch.no_grad()
     def init_weights(self):
         """The official RWKV-7 initialisation (RWKV-LM train_temp)."""
+        for _, init in self.init_parts():
+            init()
+
+    @staticmethod
+    def _ortho(p, scale):  # RWKV-LM's rule: gain sqrt(rows/cols) for tall matrices, times scale
+        rows, cols = p.shape
+        gain = math.sqrt(rows / cols) if rows > cols else 1.0
+        nn.init.orthogonal_(p, gain=gain * scale)
+
+    @torch.no_grad()
+    def _init_embeddings(self):
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        self._ortho(self.head.weight, 0.5)
+
+    @torch.no_grad()
+    def _init_block(self, l: int):
         cfg = self.cfg
         C, L, N = cfg.n_embd, cfg.n_layer, cfg.head_size
         n = torch.arange(C, dtype=torch.float64)
@@ -238,44 +264,41 @@ class RWKV7(nn.Module):
         def set_(p, values):
             p.copy_(values.to(p.dtype).reshape(p.shape))
 
-        def ortho(p, scale):  # RWKV-LM's rule: gain sqrt(rows/cols) for tall matrices, times scale
-            rows, cols = p.shape
-            gain = math.sqrt(rows / cols) if rows > cols else 1.0
-            nn.init.orthogonal_(p, gain=gain * scale)
+        ortho = self._ortho
+        block = self.blocks[l]
+        r0 = l / (L - 1) if L > 1 else 0.0
+        r1 = 1.0 - l / L
+        att, ffn = block.att, block.ffn
+        set_(att.x_r, 1 - ddd ** (0.2 * r1))
+        set_(att.x_w, 1 - ddd ** (0.9 * r1))
+        set_(att.x_k, 1 - ddd ** (0.7 * r1))
+        set_(att.x_v, 1 - ddd ** (0.7 * r1))
+        set_(att.x_a, 1 - ddd ** (0.9 * r1))
+        set_(att.x_g, 1 - ddd ** (0.2 * r1))
+        frac = n / (C - 1) if C > 1 else torch.zeros(C, dtype=torch.float64)
+        set_(att.w0, -6 + 6 * frac ** (1 + r0 ** 0.3) + 0.5 + 2.5 * zigzag)
+        set_(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
+        set_(att.v0, 0.73 - 0.4 * linear)
+        set_(att.k_k, 0.71 - 0.1 * linear)
+        att.k_a.fill_(1.02)
+        att.r_k.fill_(-0.04)
+        for lora_in, lora_out in ((att.w1, att.w2), (att.a1, att.a2), (att.v1, att.v2), (att.g1, att.g2)):
+            lora_in.zero_()
+            ortho(lora_out, 0.1)
+        ortho(att.receptance.weight, 1.0)
+        ortho(att.key.weight, 0.1)
+        ortho(att.value.weight, 1.0)
+        att.output.weight.zero_()
+        att.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
+        att.ln_x.bias.zero_()
+        set_(ffn.x_k, 1 - ddd ** (r1 ** 4))
+        ortho(ffn.key.weight, 1.0)
+        ffn.value.weight.zero_()
+        for ln in [block.ln1, block.ln2] + ([block.ln0] if l == 0 else []):
+            ln.weight.fill_(1.0)
+            ln.bias.zero_()
 
-        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
-        ortho(self.head.weight, 0.5)
-        for l, block in enumerate(self.blocks):
-            r0 = l / (L - 1) if L > 1 else 0.0
-            r1 = 1.0 - l / L
-            att, ffn = block.att, block.ffn
-            set_(att.x_r, 1 - ddd ** (0.2 * r1))
-            set_(att.x_w, 1 - ddd ** (0.9 * r1))
-            set_(att.x_k, 1 - ddd ** (0.7 * r1))
-            set_(att.x_v, 1 - ddd ** (0.7 * r1))
-            set_(att.x_a, 1 - ddd ** (0.9 * r1))
-            set_(att.x_g, 1 - ddd ** (0.2 * r1))
-            frac = n / (C - 1) if C > 1 else torch.zeros(C, dtype=torch.float64)
-            set_(att.w0, -6 + 6 * frac ** (1 + r0 ** 0.3) + 0.5 + 2.5 * zigzag)
-            set_(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
-            set_(att.v0, 0.73 - 0.4 * linear)
-            set_(att.k_k, 0.71 - 0.1 * linear)
-            att.k_a.fill_(1.02)
-            att.r_k.fill_(-0.04)
-            for lora_in, lora_out in ((att.w1, att.w2), (att.a1, att.a2), (att.v1, att.v2), (att.g1, att.g2)):
-                lora_in.zero_()
-                ortho(lora_out, 0.1)
-            ortho(att.receptance.weight, 1.0)
-            ortho(att.key.weight, 0.1)
-            ortho(att.value.weight, 1.0)
-            att.output.weight.zero_()
-            att.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
-            att.ln_x.bias.zero_()
-            set_(ffn.x_k, 1 - ddd ** (r1 ** 4))
-            ortho(ffn.key.weight, 1.0)
-            ffn.value.weight.zero_()
-            for ln in [block.ln1, block.ln2] + ([block.ln0] if l == 0 else []):
-                ln.weight.fill_(1.0)
-                ln.bias.zero_()
+    @torch.no_grad()
+    def _init_ln_out(self):
         self.ln_out.weight.fill_(1.0)
         self.ln_out.bias.zero_()

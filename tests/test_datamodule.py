@@ -373,3 +373,29 @@ def fit(dm, steps, tmp_path, ckpt_path=None):
     saved = tmp_path / f"end-{steps}.ckpt"
     trainer.save_checkpoint(saved)
     return module.seen, saved
+
+
+def test_resuming_on_another_number_of_ranks_repeats_and_skips_no_window(corpus):
+    """2 ranks, then 1, then 2 again, each phase resumed from the last one's state_dict with the same global batch
+    (4 windows a step): the windows read, counted step by step, are those of one uninterrupted rank."""
+    from types import SimpleNamespace
+
+    def read(world, steps, state):
+        per_step = [[] for _ in range(steps)]
+        for rank in range(world):
+            dm = make_dm(corpus, micro_bsz=4 // world, epoch_steps=20)
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, training=True)
+            if state:
+                dm.load_state_dict(state)
+            for step, batch in zip(range(steps), dm.train_dataloader()):
+                dm.on_before_batch_transfer(batch, 0)
+                per_step[step] += [tuple(row) for row in batch.idx.tolist()]
+        return per_step, dm.state_dict()
+
+    steps, state = [], None
+    for world, n in ((2, 2), (1, 3), (2, 2)):
+        got, state = read(world, n, state)
+        steps += got
+    assert state["samples_consumed"] == 7 * 4
+    expected, _ = read(1, 7, None)
+    assert [sorted(s) for s in steps] == [sorted(s) for s in expected]

@@ -1,44 +1,13 @@
 """`rwkv7-train`, `rwkv7-convert` and `rwkv7-generate` end to end, as a user runs them (subprocesses, real files)."""
 import csv
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_run import SMALL, cli, train
 from reference import reference_logits, reference_model
-
-# A model small enough to train in seconds on 2 cores, still with the World vocab.
-SMALL = ["model.n_layer=2", "model.n_embd=64", "model.head_size=32", "data.ctx_len=32", "data.micro_bsz=4",
-         "data.val_windows=4"]
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["RWKV7_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["WANDB_MODE"] = "offline"
-    e["WANDB_SILENT"] = "true"
-    return e
-
-
-def script(name):
-    """A console script installed next to this Python (the venv need not be activated)."""
-    return str(Path(sys.executable).parent / name)
-
-
-def cli(args, env, cwd, check=True, timeout=600):
-    args = [script(args[0]) if args[0].startswith("rwkv7-") else args[0], *args[1:]]
-    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def train(args, env, cwd, check=True):
-    return cli(["rwkv7-train", *args], env, cwd, check)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +15,7 @@ def run_dir(tmp_path_factory, env):
     """One short training run with the default config (tiny sizes), from a directory outside the repo."""
     cwd = tmp_path_factory.mktemp("elsewhere")
     out = cwd / "run"
-    train([*SMALL, "trainer.max_steps=40", "trainer.val_check_interval=20", "checkpoint.every_n_train_steps=20",
+    train([*SMALL, "trainer.max_steps=40", "trainer.val_check_interval=20", "checkpoint.every_n_steps=20",
            "optim.lr_init=3e-3", "optim.lr_final=1e-3", "logger=wandb", f"hydra.run.dir={out}"], env, cwd)
     return out
 
@@ -78,15 +47,37 @@ def test_user_config_directory_is_searched(env, tmp_path):
 
 def test_training_run_writes_checkpoints_config_and_offline_wandb(run_dir):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert {"step20.ckpt", "step40.ckpt", "last.ckpt"} <= set(ckpts)
-    assert not [n for n in ckpts if n.endswith(".tmp")]
+    assert ckpts == ["last.ckpt", "step20.ckpt", "step40.ckpt"]   # no temporary leftovers
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve() == (run_dir / "checkpoints" / "step40.ckpt")
     resolved = (run_dir / "resolved_config.yaml").read_text()
     assert "n_embd: 64" in resolved and "${" not in resolved
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 40
     assert ckpt["tokens_seen"] == 40 * 4 * 32
     assert ckpt["hyper_parameters"]["run_config"]["model"]["n_embd"] == 64
+    assert runs[0].name.endswith(ckpt["wandb_run_id"])          # the wandb run a resume continues
+    assert ckpt["RWKVDataModule"]["samples_consumed"] == 40 * 4
+    assert len(ckpt["rng_states"]) == 1 and ckpt["rng_states"][0]["torch"].dtype == torch.uint8
+
+
+def test_every_run_saves_its_final_step_and_keeps_the_last_few(env, tmp_path):
+    out = tmp_path / "run"
+    train([*SMALL, "trainer.max_steps=23", "trainer.val_check_interval=23", "checkpoint.every_n_steps=5",
+           "checkpoint.keep_last=2", "checkpoint.keep_every_n_steps=10", "logger=none", f"hydra.run.dir={out}"],
+          env, tmp_path)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step10.ckpt", "step20.ckpt", "step23.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 23
+
+
+def test_checkpoints_by_wall_time(env, tmp_path):
+    out = tmp_path / "run"
+    train([*SMALL, "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint.every_n_steps=null",
+           "checkpoint.every_n_minutes=0.0001", "checkpoint.keep_last=10", "logger=none", f"hydra.run.dir={out}"],
+          env, tmp_path)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*.ckpt")) == [f"step{i}.ckpt" for i in (1, 2, 3, 4)]
 
 
 def test_loss_falls_during_the_run(run_dir, env, tmp_path):
@@ -102,13 +93,20 @@ def test_loss_falls_during_the_run(run_dir, env, tmp_path):
     assert val and val[-1] < 8.5
 
 
-def test_resume_continues_from_the_checkpoint(run_dir, env, tmp_path):
-    out = tmp_path / "resumed"
-    train([*SMALL, "trainer.max_steps=45", "trainer.val_check_interval=20", "logger=none",
-           f"resume_from={run_dir / 'checkpoints' / 'step40.ckpt'}", f"hydra.run.dir={out}"], env, tmp_path)
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+def test_resume_continues_in_the_run_directory_of_the_checkpoint(run_dir, env, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    proc = train([*SMALL, "trainer.max_steps=45", "trainer.val_check_interval=20", "logger=none",
+                  f"resume_from={copy / 'checkpoints' / 'step40.ckpt'}"], env, tmp_path)
+    assert not (tmp_path / "outputs").exists()                  # no new run directory
+    ckpt = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 45
     assert ckpt["tokens_seen"] == 45 * 4 * 32
+    log = proc.stdout + proc.stderr
+    assert "40/45" in log and "/?" not in log                  # the bar counts the run's steps
+    assert "not resumable" not in log
 
 
 def test_export_gives_an_official_checkpoint_the_reference_loads(run_dir, env, tmp_path):
@@ -144,17 +142,39 @@ def test_init_from_official_weights(run_dir, env, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["model.n_layr=3"], "n_layr"),
+    (["model.n_layr=3"], "model.n_layr is not a config key (did you mean model.n_layer?)"),
+    (["model=tiyn"], "model=tiyn: no such model config (did you mean model=tiny?)"),
     (["data=binidx"], "data.train_path"),
     (["data=binidx", "data.train_path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["model.vocab_size=1000", "trainer.max_steps=1"], "vocab"),
     (["init_from=/nonexistent/model.pth", "trainer.max_steps=1"], "/nonexistent/model.pth"),
+    (["resume_from=/nonexistent/step5.ckpt"], "checkpoint not found: /nonexistent/step5.ckpt"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be an integer >= 1"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last=0 must be an integer >= 1"),
+    (["strategy=deepspeed_stage_2", "+strategy.offload_parameters=true"], "needs ZeRO stage 3"),
+    (["strategy=deepspeed_stage_2", "strategy.offload_parameters=true"], "(did you mean strategy.offload_optimizer?)"),
 ])
-def test_bad_input_stops_with_a_clear_message(env, tmp_path, args, message):
+def test_bad_input_stops_with_one_line_and_leaves_no_run_directory(env, tmp_path, args, message):
     proc = train([*SMALL, *args, f"hydra.run.dir={tmp_path / 'bad'}"], env, tmp_path, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_start_leaves_no_outputs_directory(env, tmp_path):
+    proc = train([*SMALL, "trainer.max_steps=0"], env, tmp_path, check=False)
+    assert proc.returncode == 2 and "trainer.max_steps=0" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_deepspeed_without_a_gpu_says_so(env, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = train([*SMALL, "strategy=deepspeed_stage_2", f"hydra.run.dir={tmp_path / 'bad'}"], env, tmp_path,
+                 check=False)
+    assert proc.returncode == 2 and "needs CUDA GPUs" in proc.stderr and "strategy=ddp" in proc.stderr
 
 
 def test_wrong_model_for_init_from_names_the_tensor(run_dir, env, tmp_path):
@@ -164,6 +184,20 @@ def test_wrong_model_for_init_from_names_the_tensor(run_dir, env, tmp_path):
                   f"hydra.run.dir={tmp_path / 'bad'}"], env, tmp_path, check=False)
     assert proc.returncode == 2
     assert "does not fit this RWKV-7 model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_init_grow_starts_a_deeper_model_from_a_shallower_one(run_dir, env, tmp_path):
+    """The new block starts with zero output matrices (the official init), so the grown model computes what the
+    small one did: its first loss is the trained model's, not ln(65536)."""
+    pth = tmp_path / "small.safetensors"
+    cli(["rwkv7-convert", "export", str(run_dir / "checkpoints" / "last.ckpt"), str(pth)], env, tmp_path)
+    out = tmp_path / "grown"
+    proc = train([*SMALL, "model.n_layer=3", f"init_from={pth}", "init_grow=true",
+                  "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.log_every_n_steps=1", "logger=csv",
+                  f"hydra.run.dir={out}"], env, tmp_path)
+    assert "new at the official init" in proc.stdout
+    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    assert [float(r["train/loss"]) for r in rows if r.get("train/loss")][0] < 9.0
 
 
 def test_module_entry_point_runs(env, tmp_path):

@@ -246,13 +246,13 @@ class RWKVDataModule(L.LightningDataModule):
         return -(-self.samples_consumed // world_size)
 
     def _order(self) -> dict:
-        """Everything besides samples_consumed that decides which windows come next."""
-        return {"world_size": self._rank_and_world()[1], "ctx_len": self.ctx_len, "seed": self.seed,
-                "mixture_block": self.schedule.block,
+        """Everything besides samples_consumed that decides which windows come next. The world size is not in it:
+        samples are numbered over all ranks, so the same global batch reads the same windows on any number."""
+        return {"ctx_len": self.ctx_len, "seed": self.seed, "mixture_block": self.schedule.block,
                 "sources": [[spec.name, spec.weight] for spec in self.specs]}
 
     def state_dict(self) -> dict:
-        return {"samples_consumed": self.samples_consumed, **self._order()}
+        return {"samples_consumed": self.samples_consumed, "world_size": self._rank_and_world()[1], **self._order()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.samples_consumed = int(state_dict["samples_consumed"])
@@ -261,3 +261,8 @@ class RWKVDataModule(L.LightningDataModule):
         if changed:
             rank_zero_warn(f"resuming with changed data settings ({'; '.join(changed)}): training continues after "
                            f"{self.samples_consumed} samples, but not in the order of an uninterrupted run")
+        world_size = self._rank_and_world()[1]
+        skipped = -self.samples_consumed % world_size
+        if skipped:
+            rank_zero_warn(f"resuming {self.samples_consumed} samples in on {world_size} ranks: {skipped} samples "
+                           "are skipped so that every rank starts at the same step of the sample order")
