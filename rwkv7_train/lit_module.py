@@ -9,9 +9,10 @@ import torch
 from .errors import UserError
 from .loss import lm_loss
 from .model import RWKV7, RWKV7Config
-from .official import load_into, load_partial, load_state_dict_file
+from .official import load_into, load_partial
 from .optim import lr_at, param_groups
 from .rng import gather_rng_states, restore_rng_state
+from .upgrade import read_init_checkpoint
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -62,9 +63,9 @@ class RWKV7LitModule(L.LightningModule):
         model.activation_checkpointing = self.hparams.activation_checkpointing
         path = self.hparams.init_from
         if _sharded(model):
-            self._fill_sharded(model, load_state_dict_file(path) if path else None)
+            self._fill_sharded(model, read_init_checkpoint(path)[0] if path else None)
         elif path:
-            sd = load_state_dict_file(path)
+            sd = read_init_checkpoint(path)[0]   # an RWKV-6/5.2 checkpoint is upgraded (preflight printed the note)
             if self.hparams.init_grow:
                 print(load_partial(model, sd, source=str(path)))
             else:
@@ -74,11 +75,22 @@ class RWKV7LitModule(L.LightningModule):
     def _fill_sharded(self, model: RWKV7, sd: Optional[dict]) -> None:
         """Initialise (or load `sd` into) a ZeRO-3 model one part at a time: each part's parameters are gathered,
         rank 0 writes them, and DeepSpeed re-partitions them to every rank."""
-        from deepspeed import zero
+        from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
 
         if sd is not None and self.hparams.init_grow:
             raise UserError("init_grow does not work with ZeRO-3: grow the checkpoint under deepspeed_stage_2 (or "
                             "rwkv7-train init_grow=true with one GPU), export it, then init_from it under ZeRO-3")
+        # zero.Init recasts every tensor made inside it to the parameter dtype (the fp64 init arithmetic too):
+        # lift that while filling, so that the values equal the unsharded model's.
+        shutdown_init_context()
+        try:
+            self._fill_parts(model, sd)
+        finally:
+            restore_init_context()
+
+    def _fill_parts(self, model: RWKV7, sd: Optional[dict]) -> None:
+        from deepspeed import zero
+
         rank0 = self.global_rank == 0
         if sd is None:
             for part, init in model.init_parts():

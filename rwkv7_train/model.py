@@ -244,7 +244,11 @@ class RWKV7(nn.Module):
     def _ortho(p, scale):  # RWKV-LM's rule: gain sqrt(rows/cols) for tall matrices, times scale
         rows, cols = p.shape
         gain = math.sqrt(rows / cols) if rows > cols else 1.0
-        nn.init.orthogonal_(p, gain=gain * scale)
+        if p.dtype == torch.float32:
+            nn.init.orthogonal_(p, gain=gain * scale)
+        else:  # ZeRO-3 builds bf16 parameters, and CUDA has no bf16 QR: draw in fp32, then round
+            fp32 = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            p.copy_(nn.init.orthogonal_(fp32, gain=gain * scale))
 
     @torch.no_grad()
     def _init_embeddings(self):

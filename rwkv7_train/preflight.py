@@ -9,8 +9,9 @@ from omegaconf import DictConfig
 
 from .errors import UserError
 from .model import RWKV7, RWKV7Config
-from .official import load_into, load_state_dict_file
+from .official import load_into
 from .run_checkpoints import latest, verify
+from .upgrade import read_init_checkpoint
 
 
 def _need_int(key: str, value, least: int, none_ok: bool = False) -> None:
@@ -94,8 +95,11 @@ def check_resume(path: Path, resolved: dict, strategy) -> dict:
 
 
 def check_init_from(path, model: dict, grow: bool) -> None:
-    """init_from must be an official checkpoint that fits the configured model (or, with grow, is no larger)."""
-    sd = load_state_dict_file(path)
+    """init_from must be an official checkpoint (RWKV-7, or RWKV-6/5.2 to upgrade: checked here by shape only, the
+    upgrade runs in configure_model) that fits the configured model (with grow: no larger)."""
+    sd, note = read_init_checkpoint(path, shapes_only=True)
+    if note and rank_zero_only.rank == 0:
+        print(note)
     if grow:
         return  # official.load_partial checks every tensor when it runs
     with torch.device("meta"):
