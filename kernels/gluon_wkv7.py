@@ -87,8 +87,8 @@ def _mm3_wide(a_hi, a_lo, b_hi, b_lo, acc):
 @gluon.jit
 def _mm3_pair(a_hi, a_lo, b_hi, b_lo, acc):
     """_mm3 in two chains: the large term in acc's, the two small ones in a second accumulator. The backward's
-    long products take this one: fewer additions than _mm3_wide's, backward 3.88-3.96 ms against 3.92-3.99 (the
-    forward is slower with it: 2.14-2.23 against 2.05-2.14; .dev run 48)."""
+    long products take this one: fewer additions than _mm3_wide's make the backward faster, while the forward is
+    slower with it (docs/benchmarks.md, "The Gluon backward's reductions")."""
     return mma_v2(a_hi, b_hi, acc) + mma_v2(a_hi, b_lo, mma_v2(a_lo, b_hi, gl.zeros_like(acc)))
 
 

@@ -583,22 +583,21 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 
 # GPU launch settings; scripts/bench_kernel.py times alternatives by editing this dict. fwd_gluon, bwd_gluon: the
 # forward and the fused backward run gluon_wkv7's kernels where they apply (see _gluon_applies; the backward also
-# needs keep_mats; the fwd_*, bwd_*, fwd_split, tma and prec* settings are the Triton kernels'): on an H200 at B=8
-# T=4096 H=64 the training forward 2.0 ms against 3.7, the fused backward 3.8 against 5.1, forward+backward 6.08
-# against 9.1-9.3 (docs/benchmarks.md). The Triton kernels: the forward
+# needs keep_mats; the fwd_*, bwd_*, fwd_split, tma and prec* settings are the Triton kernels'), which are the faster
+# ones on Hopper (docs/benchmarks.md, "The forward in Gluon"). The Triton kernels: the forward
 # (fwd_*; with fwd_split, when training, it only writes the states and a chunk-parallel kernel, out_*, computes
 # the outputs from them) and the backward: bwd "fused" (bwd_*), "split" into the sequential dS pass (dstate_*) and
 # the chunk-parallel gradient pass (grad_*), or "auto" (see _fused_backward). chunk: steps per chunk (16, 32 or
 # 64); *_bv: value rows of S (or dS) per program. keep_mats: the forward writes each chunk's [L, L] matrices
 # ((I - M_ab)^{-1}, M_ak, M_rb, M_rk; 4 L^2 floats, a quarter of a state at L = 16) and the later kernels (the
-# backward; fwd_split's outputs) read them instead of recomputing them (forward+backward 15.3 against 16.2 ms on an
-# H200 with the dot modes below; docs/benchmarks.md). tma: the forward reads and writes its tiles and states
+# backward; fwd_split's outputs) read them instead of recomputing them (faster: docs/benchmarks.md, "keep_mats and
+# bf16x3"). tma: the forward reads and writes its tiles and states
 # through tensor descriptors (bulk copies, no per-element addresses; without cu_seqlens only), which also lets the
-# compiler fetch a chunk's tiles during the previous one: on an H200 the forward alone 2-8% faster with 512
-# programs (B=8, H=64), a training step the same, and the forward 12% slower with 96 (B=8, H=12): off.
+# compiler fetch a chunk's tiles during the previous one: off, as it slows the forward with few programs and does
+# not speed a training step (docs/benchmarks.md, "Tensor descriptors").
 # *_stages: Triton's software pipelining of the chunk loop; it fetches the next chunk's tiles early, but the
-# pointers it carries for them cost registers that the sequential kernels do not have: on an H200 the forward
-# with 1 stage 3.77 ms against 4.34 with 2 (23 against 60 spill stores a chunk; the fused backward: 1 stage too).
+# pointers it carries for them cost registers that the sequential kernels do not have, so 1 stage spills less and
+# is faster, for the forward and the fused backward (docs/benchmarks.md).
 # Dot modes of the float32 products ("tf32" truncates both operands to 10 mantissa bits; "tf32x3" is float32-
 # accurate at three times the work; "bf16x3", as accurate here, hi and lo bf16 parts and three bf16 products, at
 # half tf32x3's tensor-core work; "split" see _mm): prec, the chunk-internal products; prec_s, those that read
@@ -606,18 +605,15 @@ def _wkv7_bwd_fused_kernel(r, w, k, v, a, b, dy, states, mats, dht, ds0, dr, dw,
 # (I - M_ab)^{-1}; and the three that carry the output's largest terms, the current chunk's r.k (prec_rk: M_rk,
 # also in the backward), its product with v (prec_rkv) and r.S (prec_rs). An emulation of every product's tf32
 # rounding (scripts/kernel_precision.py) found those three to be nearly all of plain tf32's error with decaying
-# states (1.21x the bf16 floor of y), and the forward's state products the rest when the state barely decays
-# (1.42x); with these defaults 1.01x and 1.04x. The gradients' tolerance (5e-3) leaves the backward at tf32.
+# states, and the forward's state products the rest when the state barely decays; these defaults bring y within
+# a few percent of the bf16 floor (docs/benchmarks.md, "Precision: which products need float32"). The gradients'
+# tolerance (5e-3) leaves the backward at tf32.
 # inv: (I - M_ab)^{-1} by row substitution ("subst") or 4x4 blocks and merges doubling them ("block"). prefetch:
 # how many chunks ahead the fused backward asks the L2 cache for a chunk's inputs, state and matrices (0: off), so
-# that its loads, the largest wait left in it, wait on L2 rather than on memory: on an H200, forward+backward
-# 9.11-9.19 ms with 1 against 9.98-10.05 with 0 and 10.23 with 2. The forward did not gain from it (3.53 against
-# 3.56 ms, within noise): only the backward asks. g_resync: every how many chunks the fused backward computes
-# g_L = sum_i (S_L dS)_i afresh in float32 rather than stepping it back through the chunk's tf32 products, whose
-# rounding adds up over the chunks (module docstring); on an H200, dw's error at the accuracy benchmark's T = 4096
-# 2.0e-3, 2.1e-3, 2.2e-3, 2.4e-3, 2.8e-3 and 6.1e-3 with 1, 4, 8, 16, 32 and never (the split backward's 2.0e-3),
-# forward+backward 9.68, 9.34, 9.31, 9.18-9.31, 9.29 and 9.30 ms (with a branch in the chunk loop; the nested loops
-# that replaced it: 9.25-9.38 at 8, against 9.41 in the same run).
+# that its loads, the largest wait left in it, wait on L2 rather than on memory; the forward does not gain from it.
+# g_resync: every how many chunks the fused backward computes g_L = sum_i (S_L dS)_i afresh in float32 rather than
+# stepping it back through the chunk's tf32 products, whose rounding adds up over the chunks (module docstring).
+# The measurements behind both: docs/benchmarks.md, "Fused backward: prefetch distance and g_resync".
 CONFIG = dict(chunk=16, fwd_gluon=True, bwd_gluon=True, keep_mats=True, tma=False, fwd_bv=64, fwd_warps=4,
               fwd_stages=1, fwd_split=False, out_warps=4, out_stages=2, bwd="auto", bwd_warps=4, bwd_stages=1,
               dstate_bv=64, dstate_warps=4, dstate_stages=2, grad_warps=4, grad_stages=2, prec="tf32",
@@ -820,13 +816,9 @@ def _program_slots(device):
 def _fused_backward(programs, device, gluon):
     """Whether the backward runs fused (CONFIG bwd "fused"), split ("split") or, with "auto", fused when its
     `programs` (sequences x heads) keep enough of the GPU busy: a fused pass takes as long as its waves of
-    programs (_program_slots at a time). The Triton fused backward
-    wins when every wave is at least 90% full: on an H200 at B=8, T=4096 (docs/benchmarks.md, 2026-12-02, before
-    CONFIG prefetch) with 512 programs (H=64) the op's forward+backward 9.97-10.04 ms fused against 12.48 split,
-    with 256 (H=32) a block at C=2048 40.1-40.3 against 41.7, with 96 (H=12) a block at C=768 16.5 against
-    15.8-16.1. The Gluon one (`gluon`: it runs) wins from a fifth of a wave: the op's forward+backward at 16, 32, 48
-    programs 2.42, 2.34, 2.28 ms fused against 1.72, 1.84, 2.11 split, at 64, 96, 128 2.27, 2.26, 2.28 against
-    2.34, 2.79, 3.37, at 264 and 320 (a second wave of 56) 3.57 and 6.02 against 5.76 and 8.10."""
+    programs (_program_slots at a time). The Triton fused backward wins when every wave is at least 90% full, the
+    Gluon one (`gluon`: it runs) from a fifth of a wave (docs/benchmarks.md, "Fused or split backward: the auto
+    rule")."""
     mode = CONFIG["bwd"]
     if mode != "auto" or device.type != "cuda":
         return mode != "split"
