@@ -52,29 +52,9 @@ def _describe(c) -> str:
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def _write_state_dict(sd: dict, path, suffix: str) -> None:
-    """Write `sd` atomically, as torch.save (.pth) or safetensors; a failed write (a full disk) leaves no file and
-    is one line."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from .atomic import atomic_torch_save, atomic_write
-
-    try:
-        if suffix == ".pth":
-            atomic_torch_save(sd, path)
-        else:
-            with atomic_write(path) as f:
-                f.write(safetensors_bytes(sd, metadata={"format": "pt"}))
-    except (OSError, RuntimeError) as e:
-        cause = e if isinstance(e, OSError) else e.__context__   # torch.save wraps the OSError of a failed write
-        if not isinstance(cause, OSError):
-            raise
-        raise UserError(f"cannot write {path}: {cause.strerror or cause}") from None
-
-
 def _upgrade(args):
     from .hf import DTYPES as TORCH_DTYPES
-    from .official import load_state_dict_file, official_suffix
+    from .official import load_state_dict_file, official_suffix, save_state_dict
     from .upgrade import NAMES, UPGRADES, UpgradeOptions
 
     suffix = official_suffix(args.output)
@@ -84,7 +64,7 @@ def _upgrade(args):
                              w0_max=args.w0_max, r_k_scale=args.r_k_scale, seed=args.seed,
                              dtype=TORCH_DTYPES[args.dtype])
     up = UPGRADES[args.version](load_state_dict_file(args.checkpoint), options, source=args.checkpoint)
-    _write_state_dict(up.state_dict, args.output, suffix)
+    save_state_dict(up.state_dict, args.output)
     c = up.config
     print(f"upgraded {NAMES[args.version]} {args.checkpoint} -> {args.output}: RWKV-7 x070 {_describe(c)}, "
           f"{args.dtype} {suffix[1:]}; gate LoRA relative error {up.gate_error:.3g} (largest over layers), "

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
@@ -116,14 +117,25 @@ def load_official(path, dtype=torch.float32, device="cpu") -> RWKV7:
     return model.to(device=device)
 
 
-def save_official(model: RWKV7, path) -> None:
-    """Write `model` in the official layout (bf16, contiguous CPU tensors, the official names), atomically: with
-    torch.save to a `.pth` path, as safetensors to a `.safetensors` one; any other suffix is refused."""
+def save_state_dict(sd: dict, path) -> None:
+    """Write the tensors `sd` atomically: with torch.save to a `.pth` path, as safetensors to a `.safetensors` one;
+    any other suffix is refused. A failed write (a full disk) leaves no file and is one line."""
     suffix = official_suffix(path)
-    sd = {k: v.detach().to(device="cpu", dtype=torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    if suffix == ".pth":
-        atomic_torch_save(sd, path)
-    else:
-        # safetensors builds the whole file in memory (one more bf16 copy of the model) before it is written.
-        with atomic_write(path) as f:
-            f.write(safetensors_bytes(sd, metadata={"format": "pt"}))
+    try:
+        if suffix == ".pth":
+            atomic_torch_save(sd, path)
+        else:
+            # safetensors builds the whole file in memory (one more copy of the tensors) before it is written.
+            with atomic_write(path) as f:
+                f.write(safetensors_bytes(sd, metadata={"format": "pt"}))
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__   # torch.save wraps the OSError of a failed write
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(f"cannot write {path}: {cause.strerror or cause}") from None
+
+
+def save_official(model: nn.Module, path) -> None:
+    """Write `model` in the official layout (bf16, contiguous CPU tensors, the official names): see save_state_dict."""
+    save_state_dict({k: v.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+                     for k, v in model.state_dict().items()}, path)

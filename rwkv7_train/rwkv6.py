@@ -47,11 +47,6 @@ class RWKV6Config:
         return self.n_embd // self.head_size
 
 
-def is_x060(sd: dict) -> bool:
-    """Whether a state_dict is an RWKV-6 (x060) checkpoint: only x060 has the token-shift LoRA input."""
-    return "blocks.0.att.time_maa_x" in sd
-
-
 def config_from_state_dict(sd: dict, source: str = "checkpoint") -> RWKV6Config:
     """The RWKV6Config of an official x060 state_dict, read from its tensor shapes."""
     required = ("emb.weight", "blocks.0.att.time_maa_x", "blocks.0.att.time_maa_w2", "blocks.0.att.time_decay_w1",

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from rwkv7_train.errors import UserError
-from rwkv7_train.rwkv6 import RWKV6, RWKV6Config, config_from_state_dict, is_x060, wkv6
+from rwkv7_train.rwkv6 import RWKV6, RWKV6Config, config_from_state_dict, wkv6
+from rwkv7_train.upgrade import checkpoint_version
 
 SMALL = dict(vocab_size=300, n_layer=2, n_embd=128, head_size=64)
 
@@ -160,13 +161,13 @@ def test_config_from_state_dict_round_trips():
     cfg = RWKV6Config(vocab_size=300, n_layer=3, n_embd=96, head_size=32, dim_ffn=160, dim_mix=16, dim_decay=48)
     with torch.device("meta"):
         sd = RWKV6(cfg).state_dict()
-    assert is_x060(sd)
+    assert checkpoint_version(sd) == "x060"
     assert config_from_state_dict(sd) == cfg
 
 
 def test_config_from_state_dict_refuses_rwkv7():
     sd = {"emb.weight": torch.zeros(10, 64), "blocks.0.att.r_k": torch.zeros(1, 64)}
-    assert not is_x060(sd)
+    assert checkpoint_version(sd) != "x060"
     with pytest.raises(UserError, match="not an RWKV-6.*RWKV-7"):
         config_from_state_dict(sd, source="m.pth")
 
