@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from . import run_checkpoints as layout
+from .plot import refresh as refresh_curves
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _signalled = []   # set by the handler; a signal that came during start-up is acted on at the first step
@@ -95,6 +96,7 @@ class RunCheckpoints(L.Callback):
         if trainer.is_global_zero:
             layout.publish(tmp, step)
             layout.prune(self.run_dir, self.keep_last, self.keep_every_n_steps)
+            refresh_curves(self.run_dir)   # RUN_DIR/curves.png from metrics.csv, current at every checkpoint
         trainer.strategy.barrier("rwkv7_checkpoint_published")
         self.saved_step = step
         self._last_time = time.monotonic()

@@ -12,6 +12,15 @@ class StepProgressBar(TQDMProgressBar):
                     position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
                     file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 
+    def init_validation_tqdm(self) -> Tqdm:
+        # Validation is a few seconds between steps; its result shows in the training bar (val/loss).
+        return Tqdm(disable=True)
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)   # the logger's run id says nothing about progress
+        return metrics
+
     def on_train_epoch_start(self, trainer, *_):
         pass   # one bar for the whole run: mini-epochs are the data's bookkeeping, not the user's
 

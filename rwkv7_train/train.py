@@ -65,11 +65,17 @@ def fit(cfg: DictConfig) -> int:
     from .checkpoint_io import AtomicCheckpointIO
     from .checkpointing import RunCheckpoints
     from .lit_module import RWKV7LitModule
+    from .metrics_csv import MetricsCSV
     from .preflight import check_init_from, check_resume, check_settings, resume_path
     from . import zero_resume
     from .progress import StepProgressBar
+    from .quiet import quiet_libraries
+    from .summary import end_summary, start_summary
     from .throughput import Throughput
+    from .flops import training_flops_per_token
+    from .model import RWKV7Config
 
+    quiet_libraries()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     check_settings(cfg)
@@ -87,17 +93,17 @@ def fit(cfg: DictConfig) -> int:
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    logger = False
+    loggers = [MetricsCSV(run_dir, state.get("global_step") if resume else None)]   # RUN_DIR/metrics.csv, always
     if cfg.logger.get("_target_"):
         resumed_id = state.get("wandb_run_id")
         extra = {"id": resumed_id, "resume": "allow"} if resumed_id and "Wandb" in cfg.logger._target_ else {}
-        logger = hydra.utils.instantiate(cfg.logger, **extra)
+        loggers.append(hydra.utils.instantiate(cfg.logger, **extra))
     c = cfg.checkpoint
     checkpoints = RunCheckpoints(run_dir, c.every_n_steps, c.every_n_minutes, c.keep_last, c.keep_every_n_steps)
     plugins = [] if "deepspeed" in type(strategy).__name__.lower() else [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():   # preemption is ours (RunCheckpoints, exit 75), not Lightning's own requeue
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = L.Trainer(**cfg.trainer, strategy=strategy, logger=logger, plugins=plugins, default_root_dir=run_dir,
+    trainer = L.Trainer(**cfg.trainer, strategy=strategy, logger=loggers, plugins=plugins, default_root_dir=run_dir,
                         callbacks=[checkpoints, *([StepProgressBar()] if cfg.trainer.enable_progress_bar else [])],
                         enable_checkpointing=False)
 
@@ -106,8 +112,14 @@ def fit(cfg: DictConfig) -> int:
                             trainer.global_rank, strategy)
     tokens_per_step = (cfg.data.micro_bsz * cfg.data.ctx_len * trainer.world_size
                        * cfg.trainer.accumulate_grad_batches)
-    trainer.callbacks.append(Throughput(tokens_per_step))   # needs the world size, which the Trainer decides
+    flops = training_flops_per_token(RWKV7Config.from_dict(dict(resolved["model"])), cfg.data.ctx_len)
+    peak_tflops = cfg.get("mfu_peak_tflops")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise UserError(f"mfu_peak_tflops={peak_tflops}: give the GPU's dense bf16 peak in TFLOP/s, or null")
+    trainer.callbacks.append(Throughput(tokens_per_step, flops, peak_tflops and peak_tflops * 1e12))
     total_tokens = cfg.optim.total_tokens or tokens_per_step * cfg.trainer.max_steps
+    if trainer.is_global_zero:
+        print(start_summary(cfg, trainer, datamodule, run_dir, total_tokens, tokens_per_step), flush=True)
     module = RWKV7LitModule(model=resolved["model"], optim=resolved["optim"], tokens_per_step=tokens_per_step,
                             total_tokens=total_tokens, init_grow=cfg.init_grow,
                             init_from=None if resume else cfg.init_from,   # a resume has its own weights
@@ -119,7 +131,7 @@ def fit(cfg: DictConfig) -> int:
         warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     if trainer.is_global_zero:
-        print(f"run directory: {run_dir}")
+        print(end_summary(trainer, module, run_dir, STARTED))
     return PREEMPTED if checkpoints.preempted else 0
 
 

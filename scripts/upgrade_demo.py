@@ -76,7 +76,7 @@ def run(args: list[str]) -> None:
 
 def losses(run_dir: Path, key: str) -> dict[int, float]:
     got = {}
-    for f in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+    for f in [run_dir / "metrics.csv"]:
         for row in csv.DictReader(open(f)):
             if row.get(key):
                 got[int(row["step"])] = float(row[key])
@@ -129,7 +129,7 @@ def main() -> None:
     up = args.out / "rwkv7_upgraded.pth"
     if not up.exists():
         run(["rwkv7-convert", "upgrade-v6", str(v6), str(up)])
-    common = ["logger=csv", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1",
+    common = ["logger=none", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1",
               "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=null"]
     for name, extra in (("fresh", []), ("upgraded", [f"init_from={up}"])):
         if not losses(args.out / name, "val/loss"):

@@ -59,10 +59,10 @@ def train_until(args, env, cwd, ready: Path, sig=signal.SIGKILL, delay=0.5, time
 
 
 def metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Every logged value by step, over all CSV logs of a run directory (a resumed run adds a version); a step
-    logged twice (before a kill and after the resume) keeps the later value."""
+    """Every logged value by step in RUN_DIR/metrics.csv (a resumed run continues it); a step logged twice keeps
+    the later value."""
     by_step: dict[int, dict[str, float]] = {}
-    for f in sorted(Path(run_dir).glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+    for f in [Path(run_dir) / "metrics.csv"]:
         for row in csv.DictReader(open(f)):
             for key, value in row.items():
                 if value and key != "step":

@@ -13,7 +13,7 @@ STEPS = 6
 ONE = [*SMALL, "data.micro_bsz=4", "trainer.devices=1"]
 TWO = [*SMALL, "data.micro_bsz=2", "trainer.devices=2"]
 COMMON = ["trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.val_check_interval=3",
-          "checkpoint.every_n_steps=3", "optim.total_tokens=1152", "logger=csv"]
+          "checkpoint.every_n_steps=3", "optim.total_tokens=1152", "logger=none"]
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,7 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(env, tmp_pat
     hf = export_hf(model, tmp_path / "hf", dtype=torch.float32)
     out = tmp_path / "run"
     proc = train([*CLI_SMALL, f"init_from={hf}", "trainer.max_steps=1", "optim.lr_init=0", "optim.lr_final=0",
-                  "logger=csv", f"hydra.run.dir={out}"], env, tmp_path)
+                  "logger=none", f"hydra.run.dir={out}"], env, tmp_path)
     assert f"init_from={hf}: a Hugging Face RWKV-7 directory (fla's layout), read as x070" in proc.stdout
     cli(["rwkv7-convert", "export", str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "trained.pth")], env,
         tmp_path)

@@ -12,7 +12,7 @@ from cli_run import SMALL, cli, losses, train, train_until
 
 # 30 steps on a schedule that does not depend on where a run stops (total_tokens fixed).
 RUN = [*SMALL, "trainer.max_steps=30", "trainer.val_check_interval=30", "trainer.log_every_n_steps=1",
-       "checkpoint.every_n_steps=10", "optim.total_tokens=3840", "logger=csv"]
+       "checkpoint.every_n_steps=10", "optim.total_tokens=3840", "logger=none"]
 
 
 @pytest.fixture(scope="module")

@@ -81,11 +81,11 @@ def test_checkpoints_by_wall_time(env, tmp_path):
 
 
 def test_loss_falls_during_the_run(run_dir, env, tmp_path):
-    # Re-run the same job briefly with the CSV logger to read the per-step losses.
+    # Re-run the same job briefly to read the per-step losses from RUN_DIR/metrics.csv.
     out = tmp_path / "csvrun"
     train([*SMALL, "trainer.max_steps=40", "trainer.val_check_interval=40", "trainer.log_every_n_steps=1",
-           "optim.lr_init=3e-3", "optim.lr_final=1e-3", "logger=csv", f"hydra.run.dir={out}"], env, tmp_path)
-    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+           "optim.lr_init=3e-3", "optim.lr_final=1e-3", "logger=none", f"hydra.run.dir={out}"], env, tmp_path)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert losses[0] > 10.5                       # ln(65536) = 11.09 at the start
@@ -134,9 +134,9 @@ def test_init_from_official_weights(run_dir, env, tmp_path):
     pth = tmp_path / "start.pth"
     cli(["rwkv7-convert", "export", str(run_dir / "checkpoints" / "last.ckpt"), str(pth)], env, tmp_path)
     out = tmp_path / "cont"
-    train([*SMALL, "trainer.max_steps=1", "trainer.val_check_interval=1", "logger=csv", f"init_from={pth}",
+    train([*SMALL, "trainer.max_steps=1", "trainer.val_check_interval=1", "logger=none", f"init_from={pth}",
            "trainer.log_every_n_steps=1", f"hydra.run.dir={out}"], env, tmp_path)
-    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
     first = [float(r["train/loss"]) for r in rows if r.get("train/loss")][0]
     assert first < 9.0   # starts from the trained weights, not from ln(65536)
 
@@ -193,10 +193,10 @@ def test_init_grow_starts_a_deeper_model_from_a_shallower_one(run_dir, env, tmp_
     cli(["rwkv7-convert", "export", str(run_dir / "checkpoints" / "last.ckpt"), str(pth)], env, tmp_path)
     out = tmp_path / "grown"
     proc = train([*SMALL, "model.n_layer=3", f"init_from={pth}", "init_grow=true",
-                  "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.log_every_n_steps=1", "logger=csv",
+                  "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.log_every_n_steps=1", "logger=none",
                   f"hydra.run.dir={out}"], env, tmp_path)
     assert "new at the official init" in proc.stdout
-    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [float(r["train/loss"]) for r in rows if r.get("train/loss")][0] < 9.0
 
 
@@ -220,9 +220,9 @@ def test_mixture_of_prepared_sources_logs_tokens_and_val_loss_per_source(env, tm
     out = tmp_path / "mix"
     train([*SMALL, "data=mixture", f"data.sources=[{','.join(sources)}]", "data.sampling=packed",
            "data.num_workers=0", "data.epoch_steps=100", "data.ctx_len=32", "data.micro_bsz=4",
-           "trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.log_every_n_steps=1", "logger=csv",
+           "trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.log_every_n_steps=1", "logger=none",
            f"hydra.run.dir={out}"], env, tmp_path)
-    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
     last = {k: v for r in rows for k, v in r.items() if v}
     seen = {n: float(last[f"train/tokens/{n}"]) for n in inputs}
     assert seen["json_lib"] + seen["email_lib"] == 8 * 4 * 32
