@@ -230,8 +230,8 @@ class RWKV7LitModule(L.LightningModule):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, lr=o["lr_init"], betas=tuple(o["betas"]), eps=o["eps"], adamw_mode=True)
-        return torch.optim.AdamW(groups, lr=o["lr_init"], betas=tuple(o["betas"]), eps=o["eps"],
-                                 fused=self.device.type == "cuda")
+        # Not fused: Lightning refuses to clip the gradients of a fused AdamW under mixed precision.
+        return torch.optim.AdamW(groups, lr=o["lr_init"], betas=tuple(o["betas"]), eps=o["eps"])
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["tokens_seen"] = self.tokens_at(self.global_step)   # saved after the step

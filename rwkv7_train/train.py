@@ -70,6 +70,7 @@ def fit(cfg: DictConfig) -> int:
     from . import zero_resume
     from .progress import StepProgressBar
     from .quiet import quiet_libraries
+    from .samples import SampleGenerations
     from .summary import end_summary, start_summary
     from .throughput import Throughput
     from .flops import training_flops_per_token
@@ -117,6 +118,13 @@ def fit(cfg: DictConfig) -> int:
     if peak_tflops is not None and not peak_tflops > 0:
         raise UserError(f"mfu_peak_tflops={peak_tflops}: give the GPU's dense bf16 peak in TFLOP/s, or null")
     trainer.callbacks.append(Throughput(tokens_per_step, flops, peak_tflops and peak_tflops * 1e12))
+    prompts, sample_tokens = cfg.get("sample_prompts") or [], cfg.get("sample_tokens", 0)
+    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
+        raise UserError(f"sample_tokens={sample_tokens!r}: give the tokens per sample (an integer >= 0; 0 = none)")
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise UserError("sample_prompts must be a list of strings (e.g. sample_prompts='[\"Hello\",\"Hi\"]')")
+    trainer.callbacks.append(SampleGenerations(run_dir, list(prompts), sample_tokens,
+                                               state.get("global_step") if resume else None))
     total_tokens = cfg.optim.total_tokens or tokens_per_step * cfg.trainer.max_steps
     if trainer.is_global_zero:
         print(start_summary(cfg, trainer, datamodule, run_dir, total_tokens, tokens_per_step), flush=True)
