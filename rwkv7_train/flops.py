@@ -13,18 +13,18 @@ import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from rwkv7_kernels.chunked_torch import CHUNK
+from rwkv7_kernels import KernelConfig
 
 from .model import RWKV7Config
 
-# Steps per WKV chunk in the kernels: chunked_torch.CHUNK (CPU) and triton_wkv7.CONFIG["chunk"] (CUDA) are both 16.
-DEFAULT_CHUNK = CHUNK
+# Steps per WKV chunk: the CUDA kernels' default (KernelConfig.chunk), which the CPU path's chunks also have.
+DEFAULT_CHUNK = KernelConfig().chunk
 
 
 class WKVChunkFlops(NamedTuple):
     """FLOPs of the WKV-7 chunked algorithm for one chunk of L steps of one head (head size N), by part.
 
-    Forward, as triton_wkv7 and gluon_wkv7 run it (state S: N x N; the chunk's tiles: L x N):
+    Forward, as the Triton and Gluon kernels run it (state S: N x N; the chunk's tiles: L x N):
       interactions: the four masked L x L matrices M_ab, M_ak, M_rb, M_rk, each an [L,N]@[N,L] product: 4 L^2 N
       inverse:      (I - M_ab)^{-1} by blocked inversion on dense L x L tiles: 3 products inside the 4x4
                     diagonal blocks, then 2 per doubling of the block size up to L/2: (2 log2 L - 1) L^3
@@ -191,15 +191,16 @@ def _model_configs() -> list[tuple[str, RWKV7Config]]:
     return out
 
 
-def _non_embedding_params(cfg: RWKV7Config) -> int:
-    """Parameters without the embedding (which is a lookup), counted on the meta device (no memory)."""
+def parameter_count(cfg: RWKV7Config, embedding: bool = True) -> int:
+    """Parameters of RWKV7(cfg), counted on the meta device (no memory); embedding=False leaves out emb.weight,
+    a lookup that costs no FLOPs."""
     import torch
 
     from .model import RWKV7
 
     with torch.device("meta"):
         model = RWKV7(cfg)
-    return sum(p.numel() for name, p in model.named_parameters() if name != "emb.weight")
+    return sum(p.numel() for name, p in model.named_parameters() if embedding or name != "emb.weight")
 
 
 def main(argv=None):
@@ -213,7 +214,7 @@ def main(argv=None):
           f"{'wkv share':>9} {'6N GFLOP':>9}")
     for name, cfg in _model_configs():
         s = training_flops_split(cfg, args.ctx_len, args.chunk_len)
-        six_n = 6 * _non_embedding_params(cfg)
+        six_n = 6 * parameter_count(cfg, embedding=False)
         print(f"{name:>7} {cfg.n_layer:>3} {cfg.n_embd:>5} {s.matmul / 1e9:>13.4f} {s.wkv / 1e9:>10.4f} "
               f"{s.total / 1e9:>12.4f} {s.wkv / s.total:>9.2%} {six_n / 1e9:>9.4f}")
     print("6N: 6 x parameters without the embedding, for comparison (it counts layer 0's unused v-LoRA)")

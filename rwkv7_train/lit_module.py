@@ -1,16 +1,18 @@
 """The LightningModule: RWKV-7 + loss + the official optimiser recipe. Distribution is the strategy's business;
 this module only adapts to what a strategy does to parameters (ZeRO-3 builds the model with them sharded)."""
 import math
+import sys
 from typing import Optional
 
 import lightning as L
 import torch
+from tqdm import tqdm
 
 from .errors import UserError
-from .loss import lm_loss
 from .model import RWKV7, RWKV7Config
 from .official import load_into, load_partial
 from .optim import lr_at, param_groups
+from .preflight import kernel_config
 from .rng import gather_rng_states, restore_rng_state
 from .upgrade import read_init_checkpoint
 
@@ -35,17 +37,21 @@ def _local_bytes(p: torch.Tensor) -> int:
 class RWKV7LitModule(L.LightningModule):
     def __init__(self, model: dict, optim: dict, tokens_per_step: int, total_tokens: int,
                  init_from: Optional[str] = None, init_grow: bool = False, activation_checkpointing: bool = False,
-                 on_nonfinite: str = "stop", run_config: Optional[dict] = None):
+                 on_nonfinite: str = "stop", run_config: Optional[dict] = None, code: Optional[dict] = None,
+                 kernel: Optional[dict] = None):
         """model: RWKV7Config fields; optim: lr_init, lr_final, warmup_steps, betas, eps, weight_decay;
         tokens_per_step: tokens in one optimizer step over all ranks; total_tokens: length of the schedule;
         init_from: official checkpoint to start from (init_grow: it may be smaller, see official.load_partial);
         activation_checkpointing: recompute each block in backward; on_nonfinite: "stop" or "skip" a step whose
-        loss or gradient is NaN/inf; run_config: the resolved run config, stored in checkpoints."""
+        loss or gradient is NaN/inf; run_config: the resolved run config, stored in checkpoints; code: the package
+        version and git commit (provenance.code_version), which the loggers (wandb's config) receive with the rest;
+        kernel: KernelConfig fields, the WKV-7 kernels' settings (the `kernel` group; None: the defaults)."""
         super().__init__()
         if on_nonfinite not in NONFINITE_ACTIONS:
             raise UserError(f"on_nonfinite={on_nonfinite!r}: use one of {', '.join(NONFINITE_ACTIONS)}")
         self.save_hyperparameters()
         self.model_cfg = RWKV7Config.from_dict(dict(model))
+        self.kernel_cfg = kernel_config(kernel)
         self.optim_cfg = dict(optim)
         self.model: Optional[RWKV7] = None
         self.tokens_seen = 0        # training tokens over all ranks up to the last optimizer step
@@ -59,7 +65,7 @@ class RWKV7LitModule(L.LightningModule):
         # Built here rather than in __init__ so that ZeRO-3 can build it sharded: no rank holds the whole model.
         if self.model is not None:
             return
-        model = RWKV7(self.model_cfg)
+        model = RWKV7(self.model_cfg, kernel=self.kernel_cfg)
         model.activation_checkpointing = self.hparams.activation_checkpointing
         path = self.hparams.init_from
         if _sharded(model):
@@ -116,7 +122,9 @@ class RWKV7LitModule(L.LightningModule):
         if self.trainer.is_global_zero:
             whole = total * next(self.model.parameters()).element_size()
             ranks = ", ".join(f"{b / 2**20:.2f}" for b in per_rank)
-            print(f"parameters: {total / 1e6:.2f}M ({whole / 2**20:.2f} MiB); held per rank (MiB): {ranks}")
+            # tqdm.write: on a line of its own above the progress bar, which is already drawn
+            tqdm.write(f"parameters: {total / 1e6:.2f}M ({whole / 2**20:.2f} MiB); held per rank (MiB): {ranks}",
+                       file=sys.stdout)
 
     def tokens_at(self, step: int) -> int:
         """Training tokens after `step` optimizer steps. From the steps, not counted in a hook: under DeepSpeed's
@@ -132,10 +140,11 @@ class RWKV7LitModule(L.LightningModule):
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+                self.log(f"train/lr/{group['name']}", group["lr"], on_step=True, on_epoch=False)
         self.log("train/lr", lr, prog_bar=True, on_step=True, on_epoch=False)
 
     def training_step(self, batch, batch_idx):
-        loss = lm_loss(self.model(batch.idx, cu_seqlens=batch.cu_seqlens), batch.targets)
+        loss = self.model(batch.idx, cu_seqlens=batch.cu_seqlens, targets=batch.targets)
         # The mean over all ranks: the loss of the global batch, the same figure on every rank. Checking it here
         # finds a NaN/inf on any rank at the step it happens, before it reaches the weights.
         mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
@@ -197,9 +206,7 @@ class RWKV7LitModule(L.LightningModule):
         self._val_counts = torch.zeros(n, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        logits = self.model(batch.idx, cu_seqlens=batch.cu_seqlens)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
-                                                 reduction="sum")
+        loss = self.model(batch.idx, cu_seqlens=batch.cu_seqlens, targets=batch.targets, reduction="sum")
         self._val_sums[dataloader_idx] += loss.double()
         self._val_counts[dataloader_idx] += batch.targets.numel()
 

@@ -12,8 +12,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from .atomic import atomic_write
-
-METRICS_FILE = "metrics.csv"
+from .plot import METRICS_FILE   # the reader names the file; plot.py is light (no matplotlib until it draws)
 
 
 class MetricsCSV(Logger):

@@ -4,6 +4,8 @@ Parameter names are the official checkpoint's (`blocks.3.att.w0`, `blocks.3.ffn.
 BlinkDL `.pth` loads with `load_state_dict` as it is. The model knows nothing of Lightning or DeepSpeed.
 
     x = ln0(emb(idx));  per block: x += att(ln1(x)); x += ffn(ln2(x));  logits = head(ln_out(x))
+
+Training passes the targets too and gets the loss (cross-entropy + L2Wrap) from the head, never the logits.
 """
 import math
 from dataclasses import dataclass, fields
@@ -15,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkv7_kernels import wkv7
+from rwkv7_kernels import KernelConfig, wkv7
 
 from .errors import UserError
+from .loss import head_loss
 
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-exp(-0.5) * sigmoid(d)) lies in (0.545, 1)
 
@@ -93,9 +96,10 @@ def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor], docs: Optional[Do
 
 
 class TimeMix(nn.Module):
-    def __init__(self, cfg: RWKV7Config, layer_id: int):
+    def __init__(self, cfg: RWKV7Config, layer_id: int, kernel: Optional[KernelConfig] = None):
         super().__init__()
         self.layer_id = layer_id
+        self.kernel = kernel   # the WKV kernels' launch and precision settings (None: their defaults)
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
         C = cfg.n_embd
 
@@ -141,7 +145,7 @@ class TimeMix(nn.Module):
 
         y, wkv_state = wkv7(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a),
                             initial_state=prev_wkv, output_final_state=return_state,
-                            cu_seqlens=None if docs is None else docs.cu_seqlens)
+                            cu_seqlens=None if docs is None else docs.cu_seqlens, config=self.kernel)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.reshape(B, T, C)
@@ -163,13 +167,13 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: RWKV7Config, layer_id: int):
+    def __init__(self, cfg: RWKV7Config, layer_id: int, kernel: Optional[KernelConfig] = None):
         super().__init__()
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(cfg.n_embd)
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.att = TimeMix(cfg, layer_id)
+        self.att = TimeMix(cfg, layer_id, kernel)
         self.ffn = ChannelMix(cfg)
 
     def forward(self, x, v_first, state: Optional[LayerState] = None, return_state=False, docs=None):
@@ -181,14 +185,29 @@ class Block(nn.Module):
         return x, v_first, LayerState(att_last, wkv, ffn_last)
 
 
-class RWKV7(nn.Module):
+class Head(nn.Linear):
+    """The output projection `head.weight` [V, C]. Given targets it returns the loss instead of the logits, fused
+    with the matmul chunk by chunk (loss.head_loss): the [B*T, V] logits never exist at once. The loss is made in
+    the head's own forward because ZeRO-3 gathers a module's parameters only there."""
+
     def __init__(self, cfg: RWKV7Config):
+        super().__init__(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, x, targets: Optional[torch.Tensor] = None, reduction: str = "mean"):
+        if targets is None:
+            return super().forward(x)
+        return head_loss(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), reduction)
+
+
+class RWKV7(nn.Module):
+    def __init__(self, cfg: RWKV7Config, kernel: Optional[KernelConfig] = None):
+        """kernel: how the WKV kernels run (not part of the model: checkpoints do not hold it)."""
         super().__init__()
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, kernel) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Head(cfg)
         # Recompute each block's activations in backward instead of storing them (training memory ~ one block).
         self.activation_checkpointing = False
         # Layer 0's value-residual LoRA is in the official layout but never used (layer 0 makes v_first):
@@ -200,12 +219,15 @@ class RWKV7(nn.Module):
             self.init_weights()
 
     def forward(self, idx: torch.Tensor, state: Optional[list] = None, return_state: bool = False,
-                cu_seqlens: Optional[torch.Tensor] = None):
+                cu_seqlens: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
+                reduction: str = "mean"):
         """idx [B, T] -> logits [B, T, V] (float). With return_state, also the per-layer `LayerState` list
         after the last token; pass it back as `state` to continue the sequence (RNN mode).
 
         cu_seqlens: packed documents, as int64 start offsets into the flattened B*T tokens (0, every row start,
-        each document start, and B*T); every document then starts from a fresh state."""
+        each document start, and B*T); every document then starts from a fresh state.
+        targets: [B, T] next tokens; the result is then the loss in place of the logits: the cross-entropy's
+        mean with L2Wrap's gradient (training), or with reduction="sum" its sum (validation)."""
         if idx.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"RWKV7 expects integer token ids, got {idx.dtype}")
         B, T = idx.shape
@@ -223,8 +245,9 @@ class RWKV7(nn.Module):
             args = (x, v_first, None if state is None else state[i], return_state, docs)
             x, v_first, s = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             new_state.append(s)
-        logits = self.head(self.ln_out(x)).float().reshape(B, T, -1)
-        return (logits, new_state) if return_state else logits
+        x = self.ln_out(x)
+        out = self.head(x).float().reshape(B, T, -1) if targets is None else self.head(x, targets, reduction)
+        return (out, new_state) if return_state else out
 
     def init_parts(self) -> list[tuple[nn.Module, Callable[[], None]]]:
         """The official initialisation as (module, function) pairs in the order they draw random numbers: the

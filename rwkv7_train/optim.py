@@ -7,7 +7,8 @@ import torch.nn as nn
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay only on 2-D `.weight` matrices (emb, head, r/k/v/o, ffn); `att.w0` learns at 2x lr.
 
-    Each group carries `lr_scale`, which the schedule multiplies into the learning rate."""
+    Each group carries `lr_scale`, which the schedule multiplies into the learning rate, and a `name` (decay,
+    no_decay, w0) under which its learning rate is logged."""
     decay, no_decay, w0 = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -19,9 +20,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         else:
             no_decay.append(p)
     groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": w0, "weight_decay": 0.0, "lr_scale": 2.0},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        {"name": "w0", "params": w0, "weight_decay": 0.0, "lr_scale": 2.0},
     ]
     return [g for g in groups if g["params"]]
 

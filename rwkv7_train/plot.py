@@ -1,5 +1,5 @@
-"""Training curves from the metrics.csv that Lightning's CSVLogger writes in a run directory: `rwkv7-plot`, and
-`refresh`, which the trainer calls at each checkpoint to keep RUN_DIR/curves.png current.
+"""Training curves from the metrics.csv that the trainer writes in a run directory (metrics_csv.MetricsCSV):
+`rwkv7-plot`, and `refresh`, which the trainer calls at each checkpoint to keep RUN_DIR/curves.png current.
 
 The CSV has a "step" column plus one column per metric; each row is one logging call and leaves the metrics it did
 not log empty. The logger appends to it while we read, and rewrites it whole when a new metric appears, so a read
@@ -55,7 +55,7 @@ def read_metrics(run_dir: Path) -> dict[str, Series]:
         raise MetricsError(f"{path}: no metrics logged yet")
     header = rows[0]
     if "step" not in header:
-        raise MetricsError(f"{path}: no 'step' column, not a CSVLogger metrics file")
+        raise MetricsError(f"{path}: no 'step' column, not a run's metrics file")
     step_col = header.index("step")
     collected: dict[str, tuple[list, list]] = {name: ([], []) for name in header if name != "step"}
     for line, row in enumerate(rows[1:], start=2):

@@ -7,6 +7,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from rwkv7_kernels import KernelConfig
+
 from .errors import UserError
 from .model import RWKV7, RWKV7Config
 from .official import load_into
@@ -22,6 +24,14 @@ def _need_int(key: str, value, least: int, none_ok: bool = False) -> None:
         raise UserError(f"{key}={value!r} must be an integer >= {least}{extra}")
 
 
+def kernel_config(kernel) -> KernelConfig:
+    """The `kernel` group (a mapping of KernelConfig fields, or None: the defaults) as the kernels take it."""
+    try:
+        return KernelConfig(**dict(kernel or {}))
+    except (TypeError, ValueError) as e:   # a value the kernels do not take: the user's to fix
+        raise UserError(str(e)) from None
+
+
 def _is_deepspeed(strategy) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -30,6 +40,7 @@ def _is_deepspeed(strategy) -> bool:
 
 def check_settings(cfg: DictConfig) -> None:
     t, c = cfg.trainer, cfg.checkpoint
+    kernel_config(cfg.get("kernel"))
     _need_int("trainer.max_steps", t.max_steps, 1)
     _need_int("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
     _need_int("trainer.num_nodes", t.num_nodes, 1)

@@ -1,11 +1,13 @@
 """Silence what the libraries print that a user of rwkv7-train cannot act on: Lightning's litlogger advert, its
 model summary's empty FLOPs column (we print our own parameter line), a deprecation inside Lightning's own pytree
-code, and wandb's chatter (the end of the run says where the wandb run is and how to upload it)."""
+code, the "fit stopped" line the end summary repeats, and wandb's chatter (the end of the run says where the wandb
+run is and how to upload it)."""
 import logging
 import os
 import warnings
 
-_LIGHTNING_NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:")
+# "`Trainer.fit` stopped: `max_steps=N` reached." lands on the progress bar's line; the end summary says it
+_LIGHTNING_NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "`Trainer.fit` stopped")
 
 
 class _DropLightningNoise(logging.Filter):

@@ -53,12 +53,15 @@ def safe_torch_load(path, mmap: bool = True):
             if mmap and "mmap can only be used" in text:   # the legacy (non-zip) format: read it whole
                 mmap = False
                 continue
-            if culprit or "weights_only" in text:
+            # "Unsupported operand": a byte that is no pickle instruction the safe loader takes (a text file, say)
+            not_pickle = "Unsupported operand" in text
+            if culprit or ("weights_only" in text and not not_pickle):
                 what = f"asks for {culprit}" if culprit else "holds more than tensors and plain data"
                 raise UserError(f"refusing to load {path}: its pickle {what}, which a checkpoint does not hold "
                                 "(loading it could run code)") from None
+            detail = text.split("WeightsUnpickler error: ")[-1]   # past torch's generic weights_only preamble
             raise UserError(f"cannot read {path} as a PyTorch checkpoint, it may be truncated or of another format "
-                            f"({type(e).__name__}: {text[:120]})") from None
+                            f"({type(e).__name__}: {detail[:120]})") from None
 
 
 def check_pickles(directory) -> None:

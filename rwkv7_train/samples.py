@@ -7,6 +7,7 @@ logger, logs every row so far as the table `val/samples`. Generation is rwkv7-ge
 ZeRO-3 each one gathers parameters from all ranks), and rank 0 alone writes.
 """
 import json
+from functools import partial
 from itertools import islice, takewhile
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,8 @@ def greedy_completion(model, tokenizer: WorldTokenizer, prompt: str, max_tokens:
     """The greedy continuation of `prompt`, as `rwkv7-generate --temperature 0` writes it, cut before a blank line."""
     ids = tokenizer.encode(prompt) or [0]
     # Always max_tokens steps, whatever the text: a rank that stopped early would leave ZeRO-3's gathers hanging.
-    tokens = list(islice(decode(model, ids, lambda logits: sample_next(logits, 0, 1.0, 0, None)), max_tokens))
+    greedy = partial(sample_next, temperature=0, top_p=1.0, top_k=0, generator=None)
+    tokens = list(islice(decode(model, ids, greedy), max_tokens))
     # An id with no text (a padding row of the embedding, which an untrained model may still pick) ends it.
     tokens = list(takewhile(lambda t: t == 0 or _has_text(tokenizer, t), tokens))
     return "".join(text_pieces(tokenizer, iter(tokens), stop=TURN_END))

@@ -3,8 +3,12 @@
 import time
 from pathlib import Path
 
-from .metrics_csv import METRICS_FILE
-from .plot import CURVES_FILE
+from lightning.pytorch.loggers import WandbLogger
+
+from .flops import parameter_count
+from .model import RWKV7Config
+from .plot import CURVES_FILE, METRICS_FILE
+from .provenance import describe
 
 
 def _count(n: float) -> str:
@@ -14,20 +18,22 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def start_summary(cfg, trainer, datamodule, run_dir: Path, total_tokens: int, tokens_per_step: int) -> str:
-    m = cfg.model
+def start_summary(cfg, model_cfg: RWKV7Config, code: dict, trainer, datamodule, run_dir: Path, total_tokens: int,
+                  tokens_per_step: int) -> str:
+    m = model_cfg
     total_weight = sum(spec.weight for spec in datamodule.specs)
     sources = ", ".join(f"{spec.name} ({spec.weight / total_weight:.0%})" for spec in datamodule.specs)
     strategy = cfg.strategy.get("name") or type(trainer.strategy).__name__
     return "\n".join([
-        f"rwkv7-train: RWKV-7 L{m.n_layer} D{m.n_embd} vocab {m.vocab_size}, ctx {cfg.data.ctx_len}, "
-        f"{trainer.precision}",
+        f"rwkv7-train: RWKV-7 L{m.n_layer} D{m.n_embd} ({_count(parameter_count(m))} parameters), vocab "
+        f"{m.vocab_size}, ctx {cfg.data.ctx_len}, {trainer.precision}",
         f"  plan:     {cfg.trainer.max_steps} steps x {_count(tokens_per_step)} tokens = {_count(total_tokens)} "
         f"tokens (lr schedule over {_count(cfg.optim.total_tokens or total_tokens)})",
         f"  devices:  {trainer.num_devices} x {trainer.strategy.root_device.type} on {trainer.num_nodes} node(s), "
         f"{trainer.world_size} process(es), strategy {strategy}",
         f"  data:     {sources}; micro-batch {cfg.data.micro_bsz}",
         f"  run dir:  {run_dir}",
+        f"  code:     {describe(code)}",
     ])
 
 
@@ -41,4 +47,7 @@ def end_summary(trainer, module, run_dir: Path, started: float) -> str:
              f"  curves:      {run_dir / CURVES_FILE} (metrics: {run_dir / METRICS_FILE})"]
     for wandb_dir in sorted((run_dir / "wandb").glob("offline-run-*"))[-1:]:
         lines.append(f"  wandb:       {wandb_dir} (upload: wandb sync {wandb_dir})")
+    for logger in trainer.loggers:   # an online run: its page (WANDB_SILENT hides wandb's own line)
+        if isinstance(logger, WandbLogger) and not logger.experiment.offline and logger.experiment.url:
+            lines.append(f"  wandb:       {logger.experiment.url}")
     return "\n".join(lines)

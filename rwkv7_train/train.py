@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -56,6 +57,17 @@ OmegaConf.register_new_resolver("rwkv7_sample", _sample_corpus, use_cache=True)
 OmegaConf.register_new_resolver("rwkv7_run_dir", _run_dir, use_cache=True)
 
 
+def _build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, raising a UserError that the constructor raised (a bad value it found) as itself,
+    not inside Hydra's multi-line "Error in call to target" wrapper."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
 def fit(cfg: DictConfig) -> int:
     """Run one training job described by `cfg`; returns the exit status (0, or PREEMPTED after a signal)."""
     import lightning as L
@@ -75,14 +87,15 @@ def fit(cfg: DictConfig) -> int:
     from .throughput import Throughput
     from .flops import training_flops_per_token
     from .model import RWKV7Config
+    from .provenance import code_version
 
     quiet_libraries()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     check_settings(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = _build(cfg.data)
     datamodule.setup("fit")  # bad data paths fail here, before a logger run or a checkpoint exists
-    strategy = "auto" if cfg.strategy.get("name") == "auto" else hydra.utils.instantiate(cfg.strategy)
+    strategy = "auto" if cfg.strategy.get("name") == "auto" else _build(cfg.strategy)
     resume = resume_path(cfg.resume_from, run_dir)
     state = check_resume(resume, resolved, strategy) if resume else {}
     if resume is None and cfg.init_from:
@@ -98,7 +111,7 @@ def fit(cfg: DictConfig) -> int:
     if cfg.logger.get("_target_"):
         resumed_id = state.get("wandb_run_id")
         extra = {"id": resumed_id, "resume": "allow"} if resumed_id and "Wandb" in cfg.logger._target_ else {}
-        loggers.append(hydra.utils.instantiate(cfg.logger, **extra))
+        loggers.append(_build(cfg.logger, **extra))
     c = cfg.checkpoint
     checkpoints = RunCheckpoints(run_dir, c.every_n_steps, c.every_n_minutes, c.keep_last, c.keep_every_n_steps)
     plugins = [] if "deepspeed" in type(strategy).__name__.lower() else [AtomicCheckpointIO()]
@@ -113,7 +126,8 @@ def fit(cfg: DictConfig) -> int:
                             trainer.global_rank, strategy)
     tokens_per_step = (cfg.data.micro_bsz * cfg.data.ctx_len * trainer.world_size
                        * cfg.trainer.accumulate_grad_batches)
-    flops = training_flops_per_token(RWKV7Config.from_dict(dict(resolved["model"])), cfg.data.ctx_len)
+    model_cfg = RWKV7Config.from_dict(dict(resolved["model"]))
+    flops = training_flops_per_token(model_cfg, cfg.data.ctx_len, cfg.kernel.chunk)   # as the CUDA kernels chunk
     peak_tflops = cfg.get("mfu_peak_tflops")
     if peak_tflops is not None and not peak_tflops > 0:
         raise UserError(f"mfu_peak_tflops={peak_tflops}: give the GPU's dense bf16 peak in TFLOP/s, or null")
@@ -126,13 +140,15 @@ def fit(cfg: DictConfig) -> int:
     trainer.callbacks.append(SampleGenerations(run_dir, list(prompts), sample_tokens,
                                                state.get("global_step") if resume else None))
     total_tokens = cfg.optim.total_tokens or tokens_per_step * cfg.trainer.max_steps
+    code = code_version()
     if trainer.is_global_zero:
-        print(start_summary(cfg, trainer, datamodule, run_dir, total_tokens, tokens_per_step), flush=True)
+        print(start_summary(cfg, model_cfg, code, trainer, datamodule, run_dir, total_tokens, tokens_per_step),
+              flush=True)
     module = RWKV7LitModule(model=resolved["model"], optim=resolved["optim"], tokens_per_step=tokens_per_step,
                             total_tokens=total_tokens, init_grow=cfg.init_grow,
                             init_from=None if resume else cfg.init_from,   # a resume has its own weights
                             activation_checkpointing=cfg.activation_checkpointing,
-                            on_nonfinite=cfg.on_nonfinite, run_config=resolved)
+                            on_nonfinite=cfg.on_nonfinite, run_config=resolved, code=code, kernel=resolved["kernel"])
     with warnings.catch_warnings():
         # The DataModule restores the data position exactly (its state is in the checkpoint); Lightning cannot
         # see that and warns on every mid-epoch resume.

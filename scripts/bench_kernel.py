@@ -15,8 +15,8 @@ layer: one whole RWKV-7 block (time-mix + channel-mix) forward+backward in bf16 
     its GPU time goes (torch.profiler, kernels grouped by kind).
 choice (only with --only choice): the op's forward+backward at B=8 T=4096 with the fused and with the split
     backward forced, H from 2 to 40, next to what the automatic choice takes (the measurement behind its rule).
---variants: a JSON list of overrides of rwkv7_kernels.triton_wkv7.CONFIG; each is checked and timed (and the
-    block timed with each).
+--variants: a JSON list of KernelConfig overrides ({} = the defaults); each is checked and timed (and the block
+    timed with each).
 Everything printed is also written to --log.
 """
 import argparse
@@ -25,11 +25,13 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
-from rwkv7_kernels import triton_wkv7, wkv7_chunked_torch, wkv7_naive
-from rwkv7_kernels.triton_wkv7 import wkv7_triton
+from rwkv7_kernels import KernelConfig, wkv7_chunked_torch, wkv7_naive
+from rwkv7_kernels.wkv7 import dispatch
+from rwkv7_kernels.wkv7.triton_op import wkv7_triton
 
 # (bytes/s of a device-to-device copy, read + write; FLOP/s of dense bf16 matrix products), measured with PyTorch:
 # the H100 figures as issue 3 gives them, the H200's as the device tool's KINDS.md records them.
@@ -66,8 +68,11 @@ def rel(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def ours(r, w, k, v, a, b):
-    return wkv7_triton(r, w, k, v, a, b)[0]
+def ours(config):
+    """Our CUDA op under `config` (a KernelConfig), as a function of the six inputs returning y."""
+    def run(r, w, k, v, a, b):
+        return wkv7_triton(r, w, k, v, a, b, config=config)[0]
+    return run
 
 
 def torch_path(r, w, k, v, a, b):
@@ -95,12 +100,12 @@ def grads_of(fn, xs, gy):
 
 # ------------------------------------------------------------------------------------------------- accuracy
 def each_backward(variants):
-    """The variants, each followed, where it leaves CONFIG bwd to the automatic choice, by its copies with the fused
-    and the split backward forced."""
+    """The variants, each followed, where it leaves bwd to the automatic choice, by its copies with the fused and
+    the split backward forced."""
     out = []
     for v in variants:
         out.append(v)
-        if (v or {}).get("bwd", triton_wkv7.CONFIG["bwd"]) == "auto":
+        if (v or {}).get("bwd", KernelConfig().bwd) == "auto":
             out += [dict(v or {}, bwd="fused"), dict(v or {}, bwd="split")]
     return out
 
@@ -115,15 +120,14 @@ def accuracy(variants, fla):
     say(f"\n## accuracy: bf16 inputs, B={B} T={T} H={H} N={N}, vs float64 loop ({time.time() - t0:.1f} s)")
     say(f"bf16 floor of y (fp64 result rounded to bf16): {floor:.3e}")
     say(f"{'kernel':44s} {'y err':>9s} {'x floor':>7s}  " + " ".join(f"{'d' + n:>8s}" for n in "rwkvab"))
-    rows = [(f"ours {json.dumps(v)}", ours, v) for v in each_backward(variants)]
-    rows.append(("chunked torch (fp32 inside)", torch_path, None))
+    rows = [(f"ours {json.dumps(v)}", lambda v=v: ours(KernelConfig(**(v or {})))) for v in each_backward(variants)]
+    rows.append(("chunked torch (fp32 inside)", lambda: torch_path))
     if fla is not None:
-        rows.append(("fla 0.6.0 chunk_rwkv7 (chunk 64, safe_gate)", fla, None))
+        rows.append(("fla 0.6.0 chunk_rwkv7 (chunk 64, safe_gate)", lambda: fla))
     results = []
-    for name, fn, variant in rows:
+    for name, make in rows:
         try:
-            with config(variant):
-                y, g = grads_of(fn, xs, gy.to(torch.bfloat16))
+            y, g = grads_of(make(), xs, gy.to(torch.bfloat16))
             e = rel(y, y64)
             ge = [rel(a, b) for a, b in zip(g, g64)]
             say(f"{name:44s} {e:9.3e} {e / floor:7.3f}  " + " ".join(f"{x:8.1e}" for x in ge))
@@ -134,21 +138,6 @@ def accuracy(variants, fla):
 
 
 # ------------------------------------------------------------------------------------------------- speed
-class config:
-    """Temporarily override triton_wkv7.CONFIG."""
-
-    def __init__(self, overrides):
-        self.overrides = overrides or {}
-
-    def __enter__(self):
-        self.saved = dict(triton_wkv7.CONFIG)
-        triton_wkv7.CONFIG.update(self.overrides)
-
-    def __exit__(self, *exc):
-        triton_wkv7.CONFIG.clear()
-        triton_wkv7.CONFIG.update(self.saved)
-
-
 def cuda_time(fn, reps, warmup=2):
     """Median milliseconds of fn() over reps runs, CUDA events around each."""
     for _ in range(warmup):
@@ -189,7 +178,7 @@ def time_kernel(fn, xs, gy, reps, name=None):
 
 def traffic_and_flops(B, T, H, N, L=16):
     """Fewest bytes our kernels move and the FLOPs of the chunked algorithm as written (one product each, whatever
-    its dot mode), with the chunks' matrices kept (CONFIG keep_mats). Forward (training): reads the inputs, writes y,
+    its dot mode), with the chunks' matrices kept (keep_mats). Forward (training): reads the inputs, writes y,
     the float32 chunk states and the matrices. Backward: reads every input, dy, the states and the matrices and
     writes six gradients."""
     tok = B * T * H * N
@@ -224,13 +213,13 @@ def speed(variants, fla, with_torch=True):
     gy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
     say(f"\n## speed: B={B} T={T} H={H} N={N}, bf16 (w float32), {torch.cuda.get_device_name()}")
     say(f"{'kernel':44s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}")
-    results = {}
+    results, configs = {}, {}
     for v in variants:
         name = f"ours {json.dumps(v)}"
         try:
-            with config(v):
-                t0 = time.time()
-                f, fbk = time_kernel(ours, xs, gy, reps=20)
+            configs[name] = KernelConfig(**(v or {}))
+            t0 = time.time()
+            f, fbk = time_kernel(ours(configs[name]), xs, gy, reps=20)
             results[name] = (f, fbk)
             say(f"{name:44s} {f:8.2f} {fbk:10.2f}   (incl. compile {time.time() - t0:.0f} s)")
         except Exception as exc:
@@ -249,8 +238,7 @@ def speed(variants, fla, with_torch=True):
     ours_rows = {k: v for k, v in results.items() if k.startswith("ours")}
     if ours_rows:
         best = min(ours_rows, key=lambda k: ours_rows[k][1])
-        chunk = json.loads(best[5:]).get("chunk", triton_wkv7.CONFIG["chunk"])
-        fb, bb, ff, bf = traffic_and_flops(B, T, H, N, L=chunk)
+        fb, bb, ff, bf = traffic_and_flops(B, T, H, N, L=configs[best].chunk)
         bw, bf16 = next((p for name, p in PEAKS.items() if name in torch.cuda.get_device_name()), PEAKS["H100"])
         f, fbk = ours_rows[best]
         say(f"\nbest: {best}")
@@ -260,9 +248,8 @@ def speed(variants, fla, with_torch=True):
             if other in results:
                 of, ofb = results[other]
                 say(f"  vs {other}: forward {of / f:.2f}x faster, forward+backward {ofb / fbk:.2f}x faster")
-        with config(json.loads(best[5:])):
-            leaves = [x.detach().clone().requires_grad_() for x in xs]
-            f_train = cuda_time(lambda: ours(*leaves), reps=20)
+        leaves = [x.detach().clone().requires_grad_() for x in xs]
+        f_train = cuda_time(lambda: ours(configs[best])(*leaves), reps=20)
         bwd = fbk - f_train
         say(f"  fwd (training, writes states) {f_train:.2f} ms: {fb / f_train * 1e-6:.0f} GB/s "
             f"({fb / f_train * 1e3 / bw:.0%} of {bw / 1e12:.1f} TB/s), {ff / f_train * 1e-9:.1f} TFLOP/s "
@@ -271,10 +258,9 @@ def speed(variants, fla, with_torch=True):
             f"{bf / bwd * 1e-9:.1f} TFLOP/s ({bf / bwd * 1e3 / bf16:.1%})")
         say(f"  minimum traffic fwd {fb / 1e9:.2f} GB, bwd {bb / 1e9:.2f} GB; FLOPs fwd {ff / 1e9:.0f} G, "
             f"bwd {bf / 1e9:.0f} G")
-        with config(json.loads(best[5:])):
-            say("  GPU time per kernel, one forward+backward:")
-            for ms, name in kernel_times(ours, xs, gy)[:8]:
-                say(f"    {ms:7.2f} ms  {name[:80]}")
+        say("  GPU time per kernel, one forward+backward:")
+        for ms, name in kernel_times(ours(configs[best]), xs, gy)[:8]:
+            say(f"    {ms:7.2f} ms  {name[:80]}")
     return results
 
 
@@ -284,7 +270,7 @@ def layer(variants, B=8, T=4096):
     from rwkv7_train.model import RWKV7, RWKV7Config
     say(f"\n## one RWKV-7 block forward+backward, bf16, B={B} T={T}")
     for C, v in ((C, v) for C in (768, 2048) for v in variants):
-        model = RWKV7(RWKV7Config(vocab_size=256, n_layer=2, n_embd=C)).cuda()
+        model = RWKV7(RWKV7Config(vocab_size=256, n_layer=2, n_embd=C), kernel=KernelConfig(**(v or {}))).cuda()
         block = model.blocks[1].to(torch.bfloat16)
         with torch.no_grad():   # the official init zeroes some matrices; time on non-zero weights
             for p in block.parameters():
@@ -300,12 +286,11 @@ def layer(variants, B=8, T=4096):
             out = block(x, v_first)[0]
             out.backward(g)
 
-        with config(v):
-            ms = cuda_time(step, reps=10)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
+        ms = cuda_time(step, reps=10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
         groups = {}
         for ev in prof.key_averages():
             t = ev.self_device_time_total / 3 / 1000.0
@@ -333,9 +318,9 @@ def layer(variants, B=8, T=4096):
 # ------------------------------------------------------------------------------------------------- choice
 def choice(variants, B=8, T=4096, heads=(2, 4, 6, 8, 10, 12, 16, 33, 40)):
     """The op's forward+backward with the fused and with the split backward forced, over the number of programs
-    B*H, next to what the automatic choice (triton_wkv7._fused_backward) takes."""
+    B*H, next to what the automatic choice (dispatch._fused_backward) takes."""
     say(f"\n## fused or split backward: forward+backward ms, B={B} T={T} N=64, bf16")
-    slots = triton_wkv7._program_slots(torch.device("cuda"))
+    slots = dispatch._program_slots(torch.device("cuda"))
     for variant in variants:
         say(f"{json.dumps(variant)} ({slots} programs run at a time)")
         for H in heads:
@@ -343,13 +328,11 @@ def choice(variants, B=8, T=4096, heads=(2, 4, 6, 8, 10, 12, 16, 33, 40)):
             gy = torch.randn(B, T, H, 64, device="cuda", dtype=torch.bfloat16)
             ms = {}
             for mode in ("fused", "split"):
-                with config(dict(variant, bwd=mode)):
-                    ms[mode] = time_kernel(ours, xs, gy, reps=10)[1]
-            with config(dict(variant, bwd="auto")):
-                r, w, k, v, a, b = xs
-                c = triton_wkv7.CONFIG
-                gluon = triton_wkv7._gluon_backward(r, k, v, a, b, gy, c["keep_mats"], c["chunk"])
-                fused = triton_wkv7._fused_backward(B * H, gy.device, gluon)
+                ms[mode] = time_kernel(ours(KernelConfig(**dict(variant, bwd=mode))), xs, gy, reps=10)[1]
+            auto = KernelConfig(**dict(variant, bwd="auto"))
+            r, w, k, v, a, b = xs
+            gluon = dispatch._gluon_backward(r, k, v, a, b, gy, auto.keep_mats, auto)
+            fused = dispatch._fused_backward(B * H, gy.device, gluon, auto)
             say(f"  programs {B * H:4d}: fused {ms['fused']:6.2f}  split {ms['split']:6.2f}  "
                 f"automatic: {'fused' if fused else 'split'}{' (Gluon)' if fused and gluon else ''}")
 
@@ -357,7 +340,7 @@ def choice(variants, B=8, T=4096, heads=(2, 4, 6, 8, 10, 12, 16, 33, 40)):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["accuracy", "speed", "layer", "choice"], action="append")
-    ap.add_argument("--variants", default="[{}]", help="JSON list of CONFIG overrides ({} = the defaults)")
+    ap.add_argument("--variants", default="[{}]", help="JSON list of KernelConfig overrides ({} = the defaults)")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the PyTorch path (slow)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla (its first call autotunes for minutes)")
     ap.add_argument("--log", default=None)
@@ -366,7 +349,7 @@ def main():
         sys.exit("bench_kernel.py needs a CUDA GPU")
     import triton
     say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    say(f"defaults: {json.dumps(triton_wkv7.CONFIG)}")
+    say(f"defaults: {json.dumps(asdict(KernelConfig()))}")
     variants = json.loads(args.variants)
     parts = args.only or ["accuracy", "speed", "layer"]
     fla = None if args.no_fla else fla_fn()

@@ -1,8 +1,8 @@
 """The Gluon WKV-7 kernels as another Triton version compiled them, run on this GPU beside the installed Triton's.
 
-gluon_wkv7's kernels are written in Gluon, an experimental Triton API, and run under every Triton version that
-triton_wkv7._GLUON_TRITON names. A GPU machine has one Triton (the one its torch pins); to check the machine code
-another version makes, compile it anywhere (no GPU needed) and launch it here through the CUDA driver:
+The Gluon kernels (kernels/wkv7/gluon_*.py) are written in Gluon, an experimental Triton API, and run under every
+Triton version that dispatch.GLUON_TRITONS names. A GPU machine has one Triton (the one its torch pins); to check the
+machine code another version makes, compile it anywhere (no GPU needed) and launch it here through the CUDA driver:
 
     python scripts/kernel_registers.py --cubins cubins      # where the other Triton is installed (CPU is fine)
     python scripts/check_gluon_cubins.py cubins              # on the GPU, with this project's Triton
@@ -23,12 +23,16 @@ import torch
 import triton
 
 from bench_kernel import cuda_time, make_inputs, rel
-from rwkv7_kernels import triton_wkv7 as K
+from rwkv7_kernels import KernelConfig
+from rwkv7_kernels.wkv7 import dispatch
+from rwkv7_kernels.wkv7.launch import Layout
+from rwkv7_kernels.wkv7.triton_op import wkv7_bwd, wkv7_fwd
 
 SHAPES = ((2, 4096, 16), (8, 4096, 64))
 FLAGS = dict(wkv7_fwd_gluon_kernel=dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=True),
              wkv7_bwd_gluon_kernel=dict(HAS_DHT=False, STORE_DS0=False))
 GRADS = ("dr", "dw", "dk", "dv", "da", "db")
+GLUON = KernelConfig(fwd_gluon=True, bwd_gluon=True, keep_mats=True, bwd="fused")   # the installed Triton's Gluon
 TOLERANCE = 1e-5
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
@@ -71,9 +75,9 @@ def compare(fwd, bwd, B, T, H):
     """Prints one shape's differences and times; returns the largest difference."""
     r, w, k, v, a, b = make_inputs(B, T, H, 64, seed=5)
     dy = torch.randn_like(r)
-    layout = K._Layout(B, T, None, r.device, 16)
-    y0, ht0, states0, mats0 = K.wkv7_fwd(r, w, k, v, a, b, None, layout, store_states=True)
-    grads0 = K.wkv7_bwd(r, w, k, v, a, b, dy, states0, mats0, None, False, layout)[:6]
+    layout = Layout(B, T, None, r.device, 16)
+    y0, ht0, states0, mats0 = wkv7_fwd(r, w, k, v, a, b, None, layout, GLUON, store_states=True)
+    grads0 = wkv7_bwd(r, w, k, v, a, b, dy, states0, mats0, None, False, layout, GLUON)[:6]
     y, ht, states, mats = (torch.empty_like(x) for x in (y0, ht0, states0, mats0))
     grads = [torch.empty_like(g) for g in grads0]
     fwd_args = dict(r=r, w=w, k=k, v=v, a=a, b=b, y=y, states=states, mats=mats, ht=ht)
@@ -88,8 +92,8 @@ def compare(fwd, bwd, B, T, H):
     ms = [cuda_time(lambda: fwd(B * H, fwd_args, T, H), 20), cuda_time(lambda: bwd(B * H, bwd_args, T, H), 20)]
     print(f"  kernel ms, forward (training) / backward: the cubins {ms[0]:.3f} / {ms[1]:.3f}; the installed "
           f"Triton's (through the op's Python entry, allocations included) "
-          f"{cuda_time(lambda: K.wkv7_fwd(r, w, k, v, a, b, None, layout, store_states=True), 20):.3f} / "
-          f"{cuda_time(lambda: K.wkv7_bwd(r, w, k, v, a, b, dy, states0, mats0, None, False, layout), 20):.3f}")
+          f"{cuda_time(lambda: wkv7_fwd(r, w, k, v, a, b, None, layout, GLUON, store_states=True), 20):.3f} / "
+          f"{cuda_time(lambda: wkv7_bwd(r, w, k, v, a, b, dy, states0, mats0, None, False, layout, GLUON), 20):.3f}")
     return max(diffs.values())
 
 
@@ -105,9 +109,8 @@ def main():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("needs an sm_90 GPU (H100, H200): the cubins hold sm_90 machine code")
     probe = torch.ones(1, 64, device="cuda", dtype=torch.bfloat16)
-    if not K._gluon_applies(probe, L=16):
+    if not dispatch._gluon_applies(probe, L=16):
         sys.exit(f"the installed Triton {triton.__version__} does not run the Gluon kernels: nothing to compare with")
-    K.CONFIG.update(fwd_gluon=True, bwd_gluon=True, keep_mats=True, bwd="fused")
     cuda = ctypes.CDLL("libcuda.so.1")
     fwd = Cubin(cuda, directory, launches["wkv7_fwd_gluon_kernel"])
     bwd = Cubin(cuda, directory, launches["wkv7_bwd_gluon_kernel"])

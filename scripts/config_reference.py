@@ -120,8 +120,8 @@ def parse(path: Path) -> ConfigFile:
                 out.defaults = [_flow(item) if not isinstance(item, dict) else
                                 ", ".join(f"{k}: {_flow(v)}" for k, v in item.items()) for item in items]
             else:
-                out.keys += [Key(f"{dotted}.{n}", _flow(item), note if n == 0 else "")
-                             for n, item in enumerate(items)]
+                out.keys += [Key(f"{dotted}.{n}", _flow(item),
+                                 note if n == 0 else f"another item like `{dotted}.0`") for n, item in enumerate(items)]
         elif not value and nested:                          # a mapping: its keys follow
             stack.append((indent, key))
             if note:   # a comment on the mapping itself applies to all its keys: keep it on a row of its own

@@ -1,10 +1,10 @@
 """Which products of the Triton WKV-7 forward need float32: a CPU emulation of its tf32 rounding.
 
-The forward's chunk algebra (chunks of 16, the blocked inverse; see kernels/triton_wkv7.py) in PyTorch, each
+The forward's chunk algebra (chunks of 16, the blocked inverse; see kernels/wkv7/triton_chunk.py) in PyTorch, each
 product's operands truncated to tf32 (10 mantissa bits, as the GPU's tensor cores read float32 registers) or kept
 float32, against the float64 step-by-step loop. Prints y's relative L2 error over the bf16 floor (the error of the
 float64 result itself rounded to bf16) for: every product in float32; every product in tf32; each product alone in
-tf32; the kernels' defaults (CONFIG: tf32 except M_rk, r.S and the forward's state products in tf32x3 and M_rk v
+tf32; the kernels' defaults (KernelConfig: tf32 except M_rk, r.S and the forward's state products in tf32x3 and M_rk v
 in "split"); those with the forward's state products in tf32 (prec_s="tf32"); and those with every tf32x3 product
 in Triton's bf16x3 instead (three bf16 products, which the tensor cores run at twice tf32's rate). Runs on the CPU
 in seconds.
@@ -20,7 +20,7 @@ import torch
 from rwkv7_kernels import wkv7_naive
 
 L = 16
-PRODUCTS = {  # name in the table: what the kernel computes (triton_wkv7.py's symbols)
+PRODUCTS = {  # name in the table: what the kernel computes (triton_chunk.py's symbols)
     "M_ak": "A~ K^T", "M_rb": "R~ B^T", "M_rk": "R~ K^T", "M_ab": "A~ B^T", "inverse": "inside (I - M_ab)^-1",
     "A~S": "A~ S^T", "M_ak v": "M_ak V", "u": "(I - M_ab)^-1 rhs", "r.S": "R~ S^T", "M_rb u": "M_rb U",
     "M_rk v": "M_rk V", "u B": "U^T B_end", "v K": "V^T K_end",

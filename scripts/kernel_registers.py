@@ -1,19 +1,19 @@
 """Registers, spills and instruction counts of the WKV-7 kernels (Triton and Gluon), compiled for an H100 (sm_90)
 on any machine, no GPU needed.
 
-Compiles each kernel with the launch settings of kernels/triton_wkv7.py's CONFIG (N = 64, bf16 inputs, no
+Compiles each kernel with the launch settings of a KernelConfig (the defaults, or overrides; N = 64, bf16 inputs, no
 cu_seqlens) and prints the resource use that `cuobjdump -res-usage` reads from the cubin (registers per thread,
 stack: bytes per thread spilled to local memory), the shared memory a launch asks for (Triton's figure: the
 launch fails above the GPU's 232,448 bytes), and counts in its machine code (`cuobjdump -sass`; static counts,
 each loop body once): all instructions (predicated ones included), tensor-core ones (HMMA, and Hopper's HGMMA),
-barriers (BAR), and spill stores and loads (STL, LDL). A quick check of a kernel change or of a CONFIG variant before
+barriers (BAR), and spill stores and loads (STL, LDL). A quick check of a kernel change or of a setting before
 spending GPU time on it; the kernels do the same work per chunk step however many steps run, so fewer spills, then
 fewer instructions and barriers in a loop body are a fair first sign of a faster kernel, not a timing (on an H200
 the spills weighed most: docs/benchmarks.md). The machine code depends on the Triton version: to see what a GPU
 with another Triton runs, put that version first on the path.
 
     python scripts/kernel_registers.py                                        # the defaults
-    python scripts/kernel_registers.py '{"chunk": 32, "bwd_warps": 8}'         # CONFIG overrides (JSON)
+    python scripts/kernel_registers.py '{"chunk": 32, "keep_mats": false}'    # KernelConfig overrides (JSON)
     pip install --no-deps --target /tmp/t36 triton==3.6.0 && PYTHONPATH=/tmp/t36 python scripts/kernel_registers.py
     python scripts/kernel_registers.py --cubins DIR        # also write the Gluon kernels' machine code to DIR
 
@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 
 os.environ.pop("TRITON_INTERPRET", None)   # compile for real
 
@@ -35,10 +36,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-from triton.runtime.jit import mangle_type  # noqa: E402
 
-from rwkv7_kernels import gluon_wkv7  # noqa: E402
-from rwkv7_kernels import triton_wkv7 as K  # noqa: E402
+from rwkv7_kernels import KernelConfig  # noqa: E402
+from rwkv7_kernels.wkv7 import gluon_bwd, gluon_fwd, launch, triton_bwd, triton_fwd  # noqa: E402
 
 N = 64
 FP32_ARGS = {"w", "dw", "s0", "states", "mats", "ht", "dstates", "ds0", "dht"}
@@ -50,25 +50,10 @@ class _Cuda:
     type = "cuda"
 
 
-def descriptors(tma, L, bv):
-    """The signature types of the arguments that are tensor descriptors with CONFIG tma, from the descriptors
-    triton_wkv7 makes (of small stand-in tensors: only dtype and block shape enter the type)."""
-    if not tma:
-        return {}
-    bf16, fp32 = torch.empty(1, L, 1, N, dtype=torch.bfloat16), torch.empty(1, L, 1, N)
-    keys, decay = K._tiles(True, L, [bf16, fp32], N)
-    rows, = K._tiles(True, L, [bf16], bv)
-    state = mangle_type(K._states(True, torch.empty(1, 1, N, N), bv))
-    return dict(r=mangle_type(keys), k=mangle_type(keys), a=mangle_type(keys), b=mangle_type(keys),
-                w=mangle_type(decay), v=mangle_type(rows), y=mangle_type(rows), states=state)
-
-
-def signature(fn, constants, descs):
+def signature(fn, constants):
     def kind(name):
         if name in constants:
             return "constexpr"
-        if name in descs:
-            return descs[name]
         if name in INT_ARGS:
             return "i32"
         if name in INDEX_ARGS:
@@ -84,19 +69,18 @@ def aligned(fn, sig):
             if kind.startswith("*") or name in ("T", "H")}
 
 
-def report(fn, kernel, flags):
-    """Compiles one kernel ("gluon": one of gluon_wkv7's, 4 warps), prints its line of the table and returns the
-    compiled kernel with its argument signature."""
+def report(fn, kernel, flags, config):
+    """Compiles one kernel ("gluon": a Gluon one, 4 warps) under config, prints its line of the table and returns
+    the compiled kernel with its argument signature."""
     if kernel == "gluon":
         bv, opts, warps, stages, source = N, {}, 4, 1, GluonASTSource
     else:
-        bv, opts = K._settings(N, kernel, _Cuda(), torch.bfloat16)
+        bv, opts = launch.settings(N, kernel, _Cuda(), torch.bfloat16, config)
         warps, stages, source = opts.pop("num_warps"), opts.pop("num_stages"), ASTSource
-    constants = dict(N=N, L=K.CONFIG["chunk"], IS_VARLEN=False, **opts, **flags)
+    constants = dict(N=N, L=config.chunk, IS_VARLEN=False, **opts, **flags)
     if "BV" in fn.arg_names:
         constants["BV"] = bv
-    descs = descriptors(flags.get("TMA", False), K.CONFIG["chunk"], bv)
-    sig = signature(fn, constants, descs)
+    sig = signature(fn, constants)
     src = source(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
                  attrs=aligned(fn, sig))
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -132,27 +116,27 @@ def launch_info(fn, compiled, sig, flags):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="?", default="{}", help="CONFIG overrides (JSON)")
+    parser.add_argument("overrides", nargs="?", default="{}", help="KernelConfig overrides (JSON)")
     parser.add_argument("--cubins", metavar="DIR", help="write the Gluon kernels' cubins and launch.json to DIR")
     options = parser.parse_args()
-    K.CONFIG.update(json.loads(options.overrides))
-    print(f"sm_90, N={N}, Triton {triton.__version__}, CONFIG {json.dumps(K.CONFIG)}")
+    config = KernelConfig(**json.loads(options.overrides))
+    print(f"sm_90, N={N}, Triton {triton.__version__}, KernelConfig {json.dumps(asdict(config))}")
     print(f"{'kernel':26s} {'warps':>5s} {'registers':>9s} {'stack bytes':>11s} {'shared bytes':>13s} "
           f"{'instructions':>12s} {'tensor core':>11s} {'barriers':>8s} {'spill st/ld':>13s}")
-    kept, tma = K.CONFIG["keep_mats"], K.CONFIG["tma"]
+    kept = config.keep_mats
     launches = {}
-    for fn, flags in ((gluon_wkv7.wkv7_fwd_gluon_kernel, dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept)),
-                      (gluon_wkv7.wkv7_bwd_gluon_kernel, dict(HAS_DHT=False, STORE_DS0=False))):
-        compiled, sig = report(fn, "gluon", flags)
+    for fn, flags in ((gluon_fwd.wkv7_fwd_gluon_kernel, dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept)),
+                      (gluon_bwd.wkv7_bwd_gluon_kernel, dict(HAS_DHT=False, STORE_DS0=False))):
+        compiled, sig = report(fn, "gluon", flags, config)
         if options.cubins:
             os.makedirs(options.cubins, exist_ok=True)
             with open(os.path.join(options.cubins, f"{fn.__name__}.cubin"), "wb") as f:
                 f.write(compiled.asm["cubin"])
             launches[fn.__name__] = launch_info(fn, compiled, sig, flags)
-    report(K._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept, STORE_Y=True, TMA=tma))
-    report(K._wkv7_bwd_fused_kernel, "bwd", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
-    report(K._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept))
-    report(K._wkv7_bwd_chunk_kernel, "grad", dict(KEPT=kept))
+    report(triton_fwd._wkv7_fwd_kernel, "fwd", dict(HAS_S0=False, STORE_STATES=True, STORE_MATS=kept), config)
+    report(triton_bwd._wkv7_bwd_fused_kernel, "bwd", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept), config)
+    report(triton_bwd._wkv7_bwd_state_kernel, "dstate", dict(HAS_DHT=False, STORE_DS0=False, KEPT=kept), config)
+    report(triton_bwd._wkv7_bwd_chunk_kernel, "grad", dict(KEPT=kept), config)
     if options.cubins:
         with open(os.path.join(options.cubins, "launch.json"), "w") as f:
             json.dump(launches, f, indent=1)

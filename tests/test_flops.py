@@ -3,6 +3,7 @@ forward + backward of the loss, the WKV term against the products the kernels re
 path's forward under FlopCounterMode; every tl.dot of the Triton kernels in Triton's interpreter)."""
 import math
 import os
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -10,10 +11,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from random_model import random_model
-from rwkv7_kernels import triton_wkv7, wkv7
-from rwkv7_kernels.chunked_torch import CHUNK, wkv7_chunked_torch
+from rwkv7_kernels import KernelConfig, wkv7
+from rwkv7_kernels.wkv7.chunked_torch import CHUNK, wkv7_chunked_torch
+from rwkv7_kernels.wkv7.triton_op import wkv7_triton
 from rwkv7_train import flops
-from rwkv7_train.loss import lm_loss
 from rwkv7_train.model import RWKV7Config
 from wkv_inputs import wkv_inputs
 
@@ -34,7 +35,7 @@ def test_matmul_part_matches_flop_counter():
     idx = torch.randint(0, cfg["vocab_size"], (B, T + 1), generator=torch.Generator().manual_seed(1))
 
     def step():
-        lm_loss(model(idx[:, :-1]), idx[:, 1:]).backward()
+        model(idx[:, :-1], targets=idx[:, 1:]).backward()   # the training path: the fused head + loss
 
     total = counted(step)
     c = model.cfg
@@ -59,7 +60,7 @@ def test_v_lora_absent_on_layer_0():
 
 
 def test_default_chunk_is_the_kernels():
-    assert flops.DEFAULT_CHUNK == CHUNK == triton_wkv7.CONFIG["chunk"]
+    assert flops.DEFAULT_CHUNK == CHUNK == KernelConfig().chunk
 
 
 @pytest.mark.parametrize("L", [16, 32])
@@ -101,19 +102,19 @@ class DotCounter:
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts dots in Triton's interpreter")
 @pytest.mark.parametrize("L", [16, 32])
 def test_wkv_matches_triton_kernel_products(L, monkeypatch):
-    """Every product of the Triton forward and fused backward (the CUDA path; gluon_wkv7 issues the same ones,
-    stacked), counted as the kernels run in the interpreter, against wkv_chunk_flops: forward and backward apart."""
+    """Every product of the Triton forward and fused backward (the CUDA path; the Gluon kernels issue the same
+    ones, stacked), counted as the kernels run in the interpreter, against wkv_chunk_flops: forward and backward
+    apart."""
     from triton.runtime import interpreter
 
-    monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", L)
-    for key in triton_wkv7._PRECS:          # one dot per product (no float32-accuracy splits)
-        monkeypatch.setitem(triton_wkv7.CONFIG, key, "ieee")
+    # one dot per product (no float32-accuracy splits)
+    config = KernelConfig(chunk=L, **{f.name: "ieee" for f in fields(KernelConfig) if f.name.startswith("prec")})
     counter = DotCounter(interpreter.interpreter_builder.create_dot)
     monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", counter)
 
     B, T, H, N = 1, 2 * L + 3, 2, 32         # a partial last chunk: masked, it costs a full one
     xs = [x.requires_grad_() for x in wkv_inputs(B, T, H, N, dtype=torch.float32)]
-    y, _ = triton_wkv7.wkv7_triton(*xs)
+    y, _ = wkv7_triton(*xs, config=config)
     fwd, fwd_step_sums = counter.macs, counter.step_sum_dots
     counter.macs = counter.step_sum_dots = 0
     (y * torch.randn_like(y)).sum().backward()

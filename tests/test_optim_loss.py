@@ -35,8 +35,9 @@ def test_l2wrap_adds_to_the_argmax_logit_gradient():
 def test_param_groups_decay_only_2d_weights_and_double_w0_lr():
     model = RWKV7(RWKV7Config(vocab_size=50, n_layer=2, n_embd=64, head_size=32))
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = {(g["weight_decay"], g["lr_scale"]): {names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1)}
-    decayed, plain, w0 = groups[(0.1, 1.0)], groups[(0.0, 1.0)], groups[(0.0, 2.0)]
+    groups = {g["name"]: g for g in param_groups(model, 0.1)}
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups.values()] == [(0.1, 1.0), (0.0, 1.0), (0.0, 2.0)]
+    decayed, plain, w0 = ({names[id(p)] for p in groups[n]["params"]} for n in ("decay", "no_decay", "w0"))
     assert w0 == {"blocks.0.att.w0", "blocks.1.att.w0"}
     assert {"emb.weight", "head.weight", "blocks.1.att.receptance.weight", "blocks.1.att.output.weight",
             "blocks.0.ffn.key.weight", "blocks.0.ffn.value.weight"} <= decayed

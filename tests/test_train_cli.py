@@ -1,6 +1,9 @@
 """`rwkv7-train`, `rwkv7-convert` and `rwkv7-generate` end to end, as a user runs them (subprocesses, real files)."""
 import csv
+import json
+import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,8 @@ import torch
 
 from cli_run import SMALL, cli, train
 from reference import reference_logits, reference_model
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +50,11 @@ def test_user_config_directory_is_searched(env, tmp_path):
     assert "n_embd: 320" in out
 
 
+def test_kernel_settings_are_a_config_group(env, tmp_path):
+    out = train(["kernel.bwd=split", "--cfg", "job"], env, tmp_path).stdout
+    assert "kernel:" in out and "bwd: split" in out and "chunk: 16" in out
+
+
 def test_training_run_writes_checkpoints_config_and_offline_wandb(run_dir):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step20.ckpt", "step40.ckpt"]   # no temporary leftovers
@@ -58,6 +68,13 @@ def test_training_run_writes_checkpoints_config_and_offline_wandb(run_dir):
     assert ckpt["tokens_seen"] == 40 * 4 * 32
     assert ckpt["hyper_parameters"]["run_config"]["model"]["n_embd"] == 64
     assert runs[0].name.endswith(ckpt["wandb_run_id"])          # the wandb run a resume continues
+    # The code that ran: the installed version and, in a git checkout (CI's clone), its commit; in the wandb config
+    code = ckpt["hyper_parameters"]["code"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert code["version"] == version("rwkv7-train")
+    assert code["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    wandb_log = next(runs[0].glob("run-*.wandb")).read_bytes()   # the offline run's record log
+    assert json.dumps(code, separators=(",", ":")).encode() in wandb_log
     assert ckpt["RWKVDataModule"]["samples_consumed"] == 40 * 4
     assert len(ckpt["rng_states"]) == 1 and ckpt["rng_states"][0]["torch"].dtype == torch.uint8
 
@@ -91,6 +108,12 @@ def test_loss_falls_during_the_run(run_dir, env, tmp_path):
     assert losses[0] > 10.5                       # ln(65536) = 11.09 at the start
     assert sum(losses[-5:]) / 5 < losses[0] - 3   # and clearly lower after 40 steps
     assert val and val[-1] < 8.5
+    # lr per parameter group (the schedule's lr; att.w0 at twice it)
+    lr = [(float(r["train/lr"]), float(r["train/lr/decay"]), float(r["train/lr/no_decay"]), float(r["train/lr/w0"]))
+          for r in rows if r.get("train/lr")]
+    assert len(lr) == 40 and lr[0][0] < lr[-1][0] < lr[10][0]   # warmup, then the cosine falls
+    for base, decay, no_decay, w0 in lr:
+        assert decay == no_decay == base and w0 == pytest.approx(2 * base, rel=1e-6)
 
 
 def test_resume_continues_in_the_run_directory_of_the_checkpoint(run_dir, env, tmp_path):
@@ -151,6 +174,8 @@ def test_init_from_official_weights(run_dir, env, tmp_path):
     (["resume_from=/nonexistent/step5.ckpt"], "checkpoint not found: /nonexistent/step5.ckpt"),
     (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be an integer >= 1"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last=0 must be an integer >= 1"),
+    (["data.micro_bsz=0"], "data.micro_bsz=0 must be an integer >= 1"),   # raised by the DataModule's constructor
+    (["kernel.chunk=20"], "kernel.chunk=20: use 16, 32 or 64"),             # raised by KernelConfig
     (["strategy=deepspeed_stage_2", "+strategy.offload_parameters=true"], "needs ZeRO stage 3"),
     (["strategy=deepspeed_stage_2", "strategy.offload_parameters=true"], "(did you mean strategy.offload_optimizer?)"),
 ])

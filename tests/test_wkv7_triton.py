@@ -10,14 +10,15 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-import rwkv7_kernels
-from rwkv7_kernels import triton_wkv7, wkv7, wkv7_naive
-from rwkv7_kernels.triton_wkv7 import wkv7_triton
+from rwkv7_kernels import KernelConfig, wkv7, wkv7_naive
+from rwkv7_kernels.wkv7 import dispatch, launch, triton_op
+from rwkv7_kernels.wkv7.triton_op import wkv7_triton
 
 CUDA = torch.cuda.is_available()
 
@@ -27,10 +28,9 @@ CPU_TOL = 2e-5            # relative L2 error, float32 kernels vs the float64 lo
 
 
 @pytest.fixture
-def exact_fp32(monkeypatch):
+def exact_fp32():
     """IEEE float32 products on the GPU, so float32 inputs can be held to float32 accuracy."""
-    for key in triton_wkv7._PRECS:
-        monkeypatch.setitem(triton_wkv7.CONFIG, key, "ieee")
+    return KernelConfig(**{f.name: "ieee" for f in fields(KernelConfig) if f.name.startswith("prec")})
 
 
 def make_inputs(B, T, H, N, decay="random", seed=0, device=DEVICE):
@@ -68,7 +68,7 @@ def run_and_grad(fn, xs, s0, gy, gs, **kw):
     return y.detach(), s.detach(), grads
 
 
-def check_against_loop(B, T, H, N, decay="random", with_state=True, seed=0, bf16_values=False):
+def check_against_loop(config, B, T, H, N, decay="random", with_state=True, seed=0, bf16_values=False):
     xs = make_inputs(B, T, H, N, decay, seed)
     if bf16_values:   # r, k, v, a, b as the model passes them: values that bf16 (and so tf32) holds exactly
         xs = [x if i == 1 else x.to(torch.bfloat16).double() for i, x in enumerate(xs)]
@@ -77,7 +77,8 @@ def check_against_loop(B, T, H, N, decay="random", with_state=True, seed=0, bf16
     gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64).to(DEVICE)
     gs = torch.randn(B, H, N, N, generator=g, dtype=torch.float64).to(DEVICE) if with_state else None
     y_ref, s_ref, g_ref = run_and_grad(wkv7_naive, xs, s0, gy, gs)
-    y, s, grads = run_and_grad(wkv7_triton, [x.float() for x in xs], None if s0 is None else s0.float(), gy, gs)
+    y, s, grads = run_and_grad(wkv7_triton, [x.float() for x in xs], None if s0 is None else s0.float(), gy, gs,
+                               config=config)
     assert y.dtype == torch.float32 and s.dtype == torch.float32 and s.shape == (B, H, N, N)
     assert rel_err(y, y_ref) < CPU_TOL
     assert rel_err(s, s_ref) < CPU_TOL
@@ -86,97 +87,79 @@ def check_against_loop(B, T, H, N, decay="random", with_state=True, seed=0, bf16
         assert rel_err(gr, gr_ref) < CPU_TOL, f"d{name}: {rel_err(gr, gr_ref):.2e}"
 
 
-# N = 16 keeps the interpreter fast; on the GPU the value blocks of CONFIG split N = 64 states.
+# N = 16 keeps the interpreter fast; on the GPU the value blocks of KernelConfig split N = 64 states.
 @pytest.mark.parametrize("T,H", [(1, 1), (15, 2), (16, 1), (17, 3), (64, 2), (200, 1)])
 def test_output_state_and_gradients_match_fp64_loop_for_any_length(exact_fp32, T, H):
-    check_against_loop(B=2, T=T, H=H, N=64 if CUDA else 16)
+    check_against_loop(exact_fp32, B=2, T=T, H=H, N=64 if CUDA else 16)
 
 
 def test_head_size_64_with_several_heads(exact_fp32):
-    check_against_loop(B=1, T=40, H=2, N=64)
+    check_against_loop(exact_fp32, B=1, T=40, H=2, N=64)
 
 
 def test_head_size_128_in_two_value_blocks(exact_fp32):
-    check_against_loop(B=1, T=20, H=1, N=128)   # the forward splits S into 64-row blocks (CONFIG)
+    check_against_loop(exact_fp32, B=1, T=20, H=1, N=128)   # the forward splits S into 64-row blocks (fwd_bv)
 
 
 @pytest.mark.parametrize("decay", ["near_0.545", "near_1"])
 def test_decays_pinned_at_the_bounds_stay_exact(exact_fp32, decay):
-    check_against_loop(B=1, T=64, H=2, N=32, decay=decay)
+    check_against_loop(exact_fp32, B=1, T=64, H=2, N=32, decay=decay)
 
 
-@pytest.mark.parametrize("inv", ["subst", "block"])
-def test_both_triangular_inverses_are_exact(exact_fp32, monkeypatch, inv):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "inv", inv)
-    check_against_loop(B=1, T=40, H=2, N=16, decay="near_1")
+def test_blocked_triangular_inverse_is_exact(exact_fp32):
+    check_against_loop(exact_fp32, B=1, T=40, H=2, N=16, decay="near_1")
 
 
 @pytest.mark.parametrize("chunk", [32, 64])
-def test_longer_chunks_are_exact(exact_fp32, monkeypatch, chunk):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", chunk)
-    check_against_loop(B=1, T=chunk + 9, H=2, N=16, decay="near_0.545")   # two chunks, the second partial
+def test_longer_chunks_are_exact(exact_fp32, chunk):
+    config = replace(exact_fp32, chunk=chunk)
+    check_against_loop(config, B=1, T=chunk + 9, H=2, N=16, decay="near_0.545")   # two chunks, the second partial
 
 
 @pytest.mark.parametrize("keep_mats", [False, True])
-def test_state_split_into_blocks_of_value_rows(exact_fp32, monkeypatch, keep_mats):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", keep_mats)   # kept: written once, by the first block
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "split")             # the fused backward keeps whole rows
-    for key in ("fwd_bv", "dstate_bv"):
-        monkeypatch.setitem(triton_wkv7.CONFIG, key, 16)
-    check_against_loop(B=1, T=20, H=2, N=32)
+def test_state_split_into_blocks_of_value_rows(exact_fp32, keep_mats):
+    # kept: written once, by the first block; the split backward, as the fused one keeps whole rows
+    config = replace(exact_fp32, keep_mats=keep_mats, bwd="split", fwd_bv=16, dstate_bv=16)
+    check_against_loop(config, B=1, T=20, H=2, N=32)
 
 
 @pytest.mark.parametrize("fwd_bv", [16, 32])
-@pytest.mark.parametrize("tma", [False, True])
-def test_tiles_through_pointers_or_tensor_descriptors(exact_fp32, monkeypatch, tma, fwd_bv):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_bv", fwd_bv)
-    check_against_loop(B=2, T=37, H=2, N=32)      # a partial last chunk: masks or the descriptor's bounds zero it
+def test_forward_value_blocks_with_a_partial_last_chunk(exact_fp32, fwd_bv):
+    check_against_loop(replace(exact_fp32, fwd_bv=fwd_bv), B=2, T=37, H=2, N=32)   # the masks zero the last chunk
 
 
-def test_split_products_are_float32_accurate_on_bf16_values(exact_fp32, monkeypatch):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "prec_rkv", "split")
-    check_against_loop(B=1, T=40, H=2, N=16, bf16_values=True)
+def test_split_products_are_float32_accurate_on_bf16_values(exact_fp32):
+    check_against_loop(replace(exact_fp32, prec_rkv="split"), B=1, T=40, H=2, N=16, bf16_values=True)
 
 
 def test_float32_inputs_get_float32_accurate_products_on_the_gpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # the launch options a GPU would get; none is needed
     gpu = torch.device("cuda")
-    modes = {key: value for key, value in triton_wkv7._settings(64, "fwd", gpu, torch.float32)[1].items()
+    defaults = KernelConfig()
+    modes = {key: value for key, value in launch.settings(64, "fwd", gpu, torch.float32, defaults)[1].items()
              if key.startswith("PREC")}
     assert set(modes.values()) == {"tf32x3"}                  # the bf16-floor choices (tf32, bf16x3, split) raised
-    assert triton_wkv7._settings(64, "fwd", gpu, torch.bfloat16)[1]["PREC_S"] == triton_wkv7.CONFIG["prec_s"]
-    monkeypatch.setitem(triton_wkv7.CONFIG, "prec", "ieee")   # and an exact mode is kept
-    assert triton_wkv7._settings(64, "fwd", gpu, torch.float32)[1]["PREC"] == "ieee"
-
-
-@pytest.mark.parametrize("tma", [False, True])
-def test_forward_split_into_state_pass_and_chunk_parallel_outputs(exact_fp32, monkeypatch, tma):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)          # the state pass through descriptors, outputs not
-    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", True)
-    check_against_loop(B=2, T=37, H=2, N=16)
-
-
-@pytest.mark.parametrize("fwd_split,bwd", [(False, "fused"), (True, "split")])
-def test_backward_reads_the_chunk_matrices_the_forward_kept(exact_fp32, monkeypatch, fwd_split, bwd):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", True)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
-    check_against_loop(B=2, T=37, H=2, N=16)
+    assert launch.settings(64, "fwd", gpu, torch.bfloat16, defaults)[1]["PREC_S"] == defaults.prec_s
+    exact = replace(defaults, prec="ieee")                    # and an exact mode is kept
+    assert launch.settings(64, "fwd", gpu, torch.float32, exact)[1]["PREC"] == "ieee"
 
 
 @pytest.mark.parametrize("bwd", ["fused", "split"])
-def test_backward_depends_on_the_kept_matrices_and_not_only_on_the_inputs(exact_fp32, monkeypatch, bwd):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", True)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
+def test_backward_reads_the_chunk_matrices_the_forward_kept(exact_fp32, bwd):
+    check_against_loop(replace(exact_fp32, keep_mats=True, bwd=bwd), B=2, T=37, H=2, N=16)
+
+
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_backward_depends_on_the_kept_matrices_and_not_only_on_the_inputs(exact_fp32, bwd):
+    config = replace(exact_fp32, keep_mats=True, bwd=bwd)
     r, w, k, v, a, b = (x.float() for x in make_inputs(1, 37, 2, 16, seed=9))
-    layout = triton_wkv7._Layout(1, 37, None, r.device, triton_wkv7.CONFIG["chunk"])
-    y, ht, states, mats = triton_wkv7.wkv7_fwd(r, w, k, v, a, b, None, layout)
+    layout = launch.Layout(1, 37, None, r.device, config.chunk)
+    y, ht, states, mats = triton_op.wkv7_fwd(r, w, k, v, a, b, None, layout, config)
     assert mats is not None and mats.shape == (layout.n_slots, 2, 4, 16, 16)
     dy = torch.randn_like(y)
 
     def grads(m):
-        return triton_wkv7.wkv7_bwd(r, w, k, v, a, b, dy, states, m, None, False, layout)[:6]
+        return triton_op.wkv7_bwd(r, w, k, v, a, b, dy, states, m, None, False, layout, config)[:6]
 
     recomputed, kept, altered = grads(None), grads(mats), grads(mats * 1.01)
     for x, y_, z in zip(recomputed, kept, altered):
@@ -185,46 +168,41 @@ def test_backward_depends_on_the_kept_matrices_and_not_only_on_the_inputs(exact_
 
 
 @pytest.mark.parametrize("bwd", ["fused", "split"])
-def test_fused_and_split_backward_are_exact(exact_fp32, monkeypatch, bwd):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
-    check_against_loop(B=2, T=37, H=2, N=16, decay="near_1")
+def test_fused_and_split_backward_are_exact(exact_fp32, bwd):
+    check_against_loop(replace(exact_fp32, bwd=bwd), B=2, T=37, H=2, N=16, decay="near_1")
 
 
 @pytest.mark.parametrize("g_resync", [1, 2])
-def test_fused_backward_is_exact_where_it_computes_the_decay_product_gradient_afresh(exact_fp32, monkeypatch,
-                                                                                     g_resync):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "fused")
-    monkeypatch.setitem(triton_wkv7.CONFIG, "g_resync", g_resync)       # 3 chunks: afresh at all, or one of them
-    check_against_loop(B=2, T=37, H=2, N=16, decay="near_1")
+def test_fused_backward_is_exact_where_it_computes_the_decay_product_gradient_afresh(exact_fp32, g_resync):
+    config = replace(exact_fp32, bwd="fused", g_resync=g_resync)       # 3 chunks: afresh at all, or one of them
+    check_against_loop(config, B=2, T=37, H=2, N=16, decay="near_1")
 
 
 @pytest.mark.skipif(not CUDA, reason="the rule reads the GPU's multiprocessor count")
-def test_auto_backward_is_fused_only_when_its_programs_fill_the_gpu(monkeypatch):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "auto")
+def test_auto_backward_is_fused_only_when_its_programs_fill_the_gpu():
+    auto = KernelConfig(bwd="auto")
     slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count    # two programs per multiprocessor
     gpu = torch.device("cuda")
-    assert triton_wkv7._fused_backward(slots, gpu, False) and triton_wkv7._fused_backward(2 * slots, gpu, False)
-    assert not triton_wkv7._fused_backward(slots // 3, gpu, False)       # most multiprocessors idle
-    assert not triton_wkv7._fused_backward(slots + 8, gpu, False)        # a second wave of 8
+
+    def fused(programs, gluon):
+        return dispatch._fused_backward(programs, gpu, gluon, auto)
+
+    assert fused(slots, False) and fused(2 * slots, False)
+    assert not fused(slots // 3, False)       # most multiprocessors idle
+    assert not fused(slots + 8, False)        # a second wave of 8
     # the Gluon fused backward: from a fifth of a wave on
-    assert triton_wkv7._fused_backward(slots // 3, gpu, True) and triton_wkv7._fused_backward(slots + 8, gpu, True)
-    assert not triton_wkv7._fused_backward(slots // 8, gpu, True)
+    assert fused(slots // 3, True) and fused(slots + 8, True)
+    assert not fused(slots // 8, True)
 
 
 def test_without_initial_state_or_final_state_gradient(exact_fp32):
-    check_against_loop(B=2, T=33, H=2, N=16, with_state=False)
+    check_against_loop(exact_fp32, B=2, T=33, H=2, N=16, with_state=False)
 
 
-@pytest.mark.parametrize("fwd_split,chunk,keep_mats,tma,bwd", [
-    (False, 16, False, False, "fused"), (True, 16, False, False, "split"), (True, 32, False, False, "fused"),
-    (False, 16, True, True, "fused"), (False, 16, True, False, "split")])
-def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch, fwd_split, chunk, keep_mats, tma,
-                                                         bwd):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "tma", tma)          # packed documents keep pointers (see _tma)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_split", fwd_split)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "chunk", chunk)
-    monkeypatch.setitem(triton_wkv7.CONFIG, "keep_mats", keep_mats)
+@pytest.mark.parametrize("chunk,keep_mats,bwd", [
+    (16, False, "fused"), (16, False, "split"), (32, False, "fused"), (16, True, "fused"), (16, True, "split")])
+def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, chunk, keep_mats, bwd):
+    config = replace(exact_fp32, bwd=bwd, chunk=chunk, keep_mats=keep_mats)
     lens = [5, 1, 0, 23, 16]   # a one-token and an empty document among them
     cu = torch.tensor([0] + lens).cumsum(0).to(DEVICE)
     D, T, H, N = len(lens), sum(lens), 2, 16
@@ -244,7 +222,8 @@ def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch
         return torch.cat(ys, 1), torch.cat(ss)
 
     y_ref, s_ref, g_ref = run_and_grad(loop_per_document, xs, s0, gy, gs)
-    y, s, grads = run_and_grad(wkv7_triton, [x.float() for x in xs], s0.float(), gy, gs, cu_seqlens=cu)
+    y, s, grads = run_and_grad(wkv7_triton, [x.float() for x in xs], s0.float(), gy, gs, cu_seqlens=cu,
+                               config=config)
     assert s.shape == (D, H, N, N)
     assert rel_err(y, y_ref) < CPU_TOL and rel_err(s, s_ref) < CPU_TOL
     assert torch.equal(s[2], s0[2].float())   # the empty document hands its initial state straight through
@@ -253,24 +232,24 @@ def test_cu_seqlens_restarts_the_state_at_every_document(exact_fp32, monkeypatch
 
 
 def test_public_wkv7_sends_cu_seqlens_to_the_triton_kernel_when_it_is_the_backend(exact_fp32, monkeypatch):
-    monkeypatch.setattr(rwkv7_kernels, "_backend", lambda x: "triton")
+    monkeypatch.setattr(dispatch, "_backend", lambda x: "triton")
     cu = torch.tensor([0, 1, 20], device=DEVICE)
     xs = [x.float() for x in make_inputs(1, 20, 2, 16, seed=5)]
-    y, s = wkv7(*xs, output_final_state=True, cu_seqlens=cu)
+    y, s = wkv7(*xs, output_final_state=True, cu_seqlens=cu, config=exact_fp32)
     y_ref = torch.cat([wkv7_naive(*(x[:, 0:1] for x in xs))[0], wkv7_naive(*(x[:, 1:20] for x in xs))[0]], 1)
     assert s.shape == (2, 2, 16, 16)
     assert rel_err(y, y_ref) < CPU_TOL
 
 
 def test_backend_is_triton_on_cuda_and_torch_on_cpu():
-    assert rwkv7_kernels._backend(torch.zeros(1, 1, 1, 64)) == "torch"
+    assert dispatch._backend(torch.zeros(1, 1, 1, 64)) == "torch"
     if CUDA:
-        assert rwkv7_kernels._backend(torch.zeros(1, 1, 1, 64, device="cuda")) == "triton"
+        assert dispatch._backend(torch.zeros(1, 1, 1, 64, device="cuda")) == "triton"
 
 
 # ---- GPU: bf16 inputs (w in float32, as the model passes it), against the float64 loop on the upcast inputs ----
 
-def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None, initial_state=True):
+def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None, initial_state=True, config=None):
     xs = make_inputs(B, T, H, N, decay, seed=7, device="cuda")
     xs = [x.float() if i == 1 else x.bfloat16() for i, x in enumerate(xs)]   # i == 1: w stays float32
     D = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -290,7 +269,7 @@ def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None, initial
                 ss.append(s)
             return torch.cat(ys, 1), torch.cat(ss)
     y_ref, s_ref, g_ref = run_and_grad(ref_fn, [x.double() for x in xs], s0, gy, gs)
-    kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    kw = {"config": config} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "config": config}
     y, s, grads = run_and_grad(wkv7_triton, xs, s0.float() if initial_state else None, gy, gs, **kw)
     floor = rel_err(y_ref.bfloat16(), y_ref)
     assert y.dtype == torch.bfloat16
@@ -305,10 +284,9 @@ def check_bf16_against_loop(B, T, H, N, decay="random", cu_seqlens=None, initial
 @pytest.mark.parametrize("T,H,decay", [(1, 1, "random"), (16, 1, "random"), (17, 3, "random"),
                                        (200, 4, "near_0.545"), (200, 4, "near_1"), (1000, 4, "random")])
 @pytest.mark.parametrize("fwd_gluon", [True, False])
-def test_bf16_on_gpu_within_the_bf16_floor(monkeypatch, T, H, decay, fwd_gluon):
+def test_bf16_on_gpu_within_the_bf16_floor(T, H, decay, fwd_gluon):
     """Both forwards: the Gluon one (bf16, N = 64) and the Triton one (every other case) write the same buffers."""
-    monkeypatch.setitem(triton_wkv7.CONFIG, "fwd_gluon", fwd_gluon)
-    check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay)
+    check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay, config=KernelConfig(fwd_gluon=fwd_gluon))
 
 
 @pytest.mark.gpu
@@ -321,35 +299,34 @@ def test_bf16_on_gpu_without_initial_state():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("T,H,decay", [(200, 4, "near_1"), (1000, 4, "random"), (4096, 2, "random")])
 @pytest.mark.parametrize("bwd_gluon", [True, False])
-def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(monkeypatch, T, H, decay, bwd_gluon):
+def test_bf16_fused_backward_on_gpu_within_the_bf16_floor(T, H, decay, bwd_gluon):
     """T = 4096: 256 chunks, where a rounding error carried from chunk to chunk adds up (dw's did, at 6.1e-3).
     Both fused backwards: the Gluon one (bf16, N = 64) and the Triton one."""
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", "fused")    # at these sizes the automatic choice is split
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd_gluon", bwd_gluon)
-    check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay)
+    config = KernelConfig(bwd="fused", bwd_gluon=bwd_gluon)    # at these sizes the automatic choice is split
+    check_bf16_against_loop(B=2, T=T, H=H, N=64, decay=decay, config=config)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gluon_backward_runs_where_a_block_may_have_its_shared_memory():
-    """gluon_wkv7's fused backward asks for _GLUON_BWD_SHARED bytes of shared memory a program: it runs on the H100
+    """The Gluon fused backward asks for GLUON_BWD_SHARED bytes of shared memory a program: it runs on the H100
     and H200 (227 KB a block) and the A100 (163 KB); GPUs that give a block 99 KB (sm_86, sm_89) run the Triton
     backward instead of failing to launch."""
     room = {(8, 0): True, (9, 0): True, (8, 6): False, (8, 9): False}.get(torch.cuda.get_device_capability())
     if room is None:
         pytest.skip("a GPU whose shared memory per block this test does not list")
     x = torch.zeros(1, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
-    assert triton_wkv7._gluon_backward(x, x, x, x, x, x, True, 16) == (triton_wkv7._GLUON_TRITON and room)
-    assert not triton_wkv7._gluon_backward(x, x, x, x, x, x, False, 16)        # it reads the kept matrices
+    defaults = KernelConfig()
+    assert dispatch._gluon_backward(x, x, x, x, x, x, True, defaults) == (dispatch._gluon_triton() and room)
+    assert not dispatch._gluon_backward(x, x, x, x, x, x, False, defaults)        # it reads the kept matrices
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("bwd", ["auto", "fused"])
-def test_bf16_cu_seqlens_on_gpu(monkeypatch, bwd):
-    monkeypatch.setitem(triton_wkv7.CONFIG, "bwd", bwd)
+def test_bf16_cu_seqlens_on_gpu(bwd):
     cu = torch.tensor([0, 1, 300, 301, 517], device="cuda", dtype=torch.int32)
-    check_bf16_against_loop(B=1, T=517, H=2, N=64, cu_seqlens=cu)
+    check_bf16_against_loop(B=1, T=517, H=2, N=64, cu_seqlens=cu, config=KernelConfig(bwd=bwd))
 
 
 def test_every_kernel_compiles_for_hopper_with_the_installed_triton(tmp_path):
@@ -367,12 +344,20 @@ def test_every_kernel_compiles_for_hopper_with_the_installed_triton(tmp_path):
     assert set(rows) == {"wkv7_fwd_gluon_kernel", "wkv7_bwd_gluon_kernel", "_wkv7_fwd_kernel",
                          "_wkv7_bwd_fused_kernel", "_wkv7_bwd_state_kernel", "_wkv7_bwd_chunk_kernel"}
     assert all(int(row[6]) > 0 for row in rows.values())         # tensor-core instructions in every kernel
-    assert int(rows["wkv7_bwd_gluon_kernel"][4]) == triton_wkv7._GLUON_BWD_SHARED    # what _gluon_backward checks
-    from rwkv7_kernels import gluon_wkv7
+    assert int(rows["wkv7_bwd_gluon_kernel"][4]) == dispatch.GLUON_BWD_SHARED    # what _gluon_backward checks
+    from rwkv7_kernels.wkv7 import gluon_bwd, gluon_fwd
     launches = json.loads((tmp_path / "launch.json").read_text())
     assert set(launches) == {"wkv7_fwd_gluon_kernel", "wkv7_bwd_gluon_kernel"}
     for name, info in launches.items():
         assert (tmp_path / info["cubin"]).read_bytes()[:4] == b"\x7fELF"
         assert info["shared"] == int(rows[name][4]) and info["extra_pointer_params"] >= 0
-        kernel = getattr(gluon_wkv7, name)                        # its arguments less the compiled-in constexprs
+        kernel = getattr(gluon_fwd if "fwd" in name else gluon_bwd, name)   # its arguments less the constexprs
         assert info["args"] == [p.name for p in kernel.params if not p.is_constexpr]
+
+
+@pytest.mark.parametrize("setting,name", [(dict(chunk=20), "kernel.chunk"), (dict(bwd="both"), "kernel.bwd"),
+                                          (dict(prec_s="fp16"), "kernel.prec_s"), (dict(fwd_bv=48), "kernel.fwd_bv"),
+                                          (dict(g_resync=0), "kernel.g_resync")])
+def test_kernel_config_rejects_a_setting_the_kernels_do_not_take(setting, name):
+    with pytest.raises(ValueError, match=name):
+        KernelConfig(**setting)
