@@ -116,6 +116,24 @@ def test_loss_falls_during_the_run(run_dir, env, tmp_path):
         assert decay == no_decay == base and w0 == pytest.approx(2 * base, rel=1e-6)
 
 
+def test_validation_and_checkpoint_time_is_not_counted_as_step_time(env, tmp_path):
+    # Validation with its sample generations (3 prompts x 32 tokens) and the checkpoint saves take several steps'
+    # time on the CPU; the steps they fall between must still be timed as training alone.
+    out = tmp_path / "speed"
+    train([*SMALL, "trainer.max_steps=12", "trainer.val_check_interval=6", "checkpoint.every_n_steps=4",
+           "trainer.log_every_n_steps=1", "logger=none", f"hydra.run.dir={out}"], env, tmp_path)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    step_ms = [float(r["train/step_ms"]) for r in rows if r.get("train/step_ms")][1:]   # the first compiles
+    assert len(step_ms) == 11
+    median = sorted(step_ms)[len(step_ms) // 2]
+    assert max(step_ms) < 4 * median, step_ms
+    wait_ms = [float(r["train/data_wait_ms"]) for r in rows if r.get("train/data_wait_ms")]
+    assert max(wait_ms) < median, wait_ms                                        # nor as waiting for data
+    for r in rows:
+        if r.get("train/step_ms"):
+            assert float(r["train/tokens_per_s"]) == pytest.approx(4 * 32 / (float(r["train/step_ms"]) / 1000))
+
+
 def test_resume_continues_in_the_run_directory_of_the_checkpoint(run_dir, env, tmp_path):
     import shutil
 
