@@ -4,6 +4,10 @@ SIGTERM and SIGUSR1 (what schedulers send before preempting a job) make every ra
 stop; the entry point then exits with errors.PREEMPTED (75) so a job script knows to requeue. All ranks decide
 together (one small all-reduce a step), so they save the same step even when the signal or the clock reached only
 some of them.
+
+A checkpoint is written at the end of its step but published (renamed to stepN.ckpt) only at the next training
+batch, validation or the end of training: after Lightning has logged that step's metrics, so that a run killed
+once stepN.ckpt exists has every row up to step N in metrics.csv (a resumed run keeps those rows).
 """
 import signal
 import time
@@ -41,6 +45,7 @@ class RunCheckpoints(L.Callback):
         self._last_time = time.monotonic()
         self._last_step = None
         self._previous = {}
+        self._unpublished = None    # (temporary path, step) of a checkpoint written but not yet published
 
     # ---- signals -----------------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -76,12 +81,20 @@ class RunCheckpoints(L.Callback):
         t = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
         return [bool(v) for v in trainer.strategy.reduce(t, reduce_op="max").tolist()]
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.publish(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        self.publish(trainer)
+
     def on_train_end(self, trainer, pl_module):
+        self.publish(trainer)
         self.save(trainer)   # every run ends with its final state on disk
+        self.publish(trainer)
 
     # ---- how ---------------------------------------------------------------------------------------------------
     def save(self, trainer) -> None:
-        """Write stepN.ckpt through a temporary name on every rank, then publish and prune on rank 0."""
+        """Write the state of this step under a temporary name on every rank (publish() names it stepN.ckpt)."""
         step = trainer.global_step
         if step == self.saved_step:
             return
@@ -93,10 +106,18 @@ class RunCheckpoints(L.Callback):
         trainer.strategy.barrier("rwkv7_checkpoint_start")
         trainer.save_checkpoint(tmp, weights_only=False)   # the full state: weights, optimizer, loops, data
         trainer.strategy.barrier("rwkv7_checkpoint_written")
+        self._unpublished = (tmp, step)
+        self.saved_step = step
+        self._last_time = time.monotonic()
+
+    def publish(self, trainer) -> None:
+        """Rank 0 renames the written checkpoint to stepN.ckpt, prunes the old ones and redraws the curves."""
+        if self._unpublished is None:
+            return
+        tmp, step = self._unpublished
+        self._unpublished = None
         if trainer.is_global_zero:
             layout.publish(tmp, step)
             layout.prune(self.run_dir, self.keep_last, self.keep_every_n_steps)
             refresh_curves(self.run_dir)   # RUN_DIR/curves.png from metrics.csv, current at every checkpoint
         trainer.strategy.barrier("rwkv7_checkpoint_published")
-        self.saved_step = step
-        self._last_time = time.monotonic()
