@@ -88,13 +88,13 @@ class RunCheckpoints(L.Callback):
         self.publish(trainer)
 
     def on_train_end(self, trainer, pl_module):
-        self.publish(trainer)
         self.save(trainer)   # every run ends with its final state on disk
         self.publish(trainer)
 
     # ---- how ---------------------------------------------------------------------------------------------------
     def save(self, trainer) -> None:
         """Write the state of this step under a temporary name on every rank (publish() names it stepN.ckpt)."""
+        self.publish(trainer)   # an earlier one still waiting goes first: the write below clears partial names
         step = trainer.global_step
         if step == self.saved_step:
             return
